@@ -1,0 +1,13 @@
+"""sparse_rl_optim: cheaper, faster, observable optimizer steps for RL fine-tuning of LLMs.
+
+Public API::
+
+    from sparse_rl_optim import RLSGD, PrecisionGateTracker
+"""
+
+from sparse_rl_optim.optim import RLSGD, GateStats, rlsgd
+from sparse_rl_optim.tracker import PrecisionGateTracker
+
+__version__ = "0.1.0"
+
+__all__ = ["RLSGD", "GateStats", "PrecisionGateTracker", "__version__", "rlsgd"]

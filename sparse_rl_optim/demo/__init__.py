@@ -1,0 +1,1 @@
+"""The offline GRPO demo: ``python -m sparse_rl_optim.demo``."""

@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (``sparse_rl_optim.integrations.trl``)."""

@@ -1,0 +1,544 @@
+"""RLSGD: stateless SGD for RL fine-tuning of LLMs, a drop-in for ``torch.optim.AdamW``.
+
+Layout follows ``torch/optim/sgd.py``: the :class:`RLSGD` class validates arguments and holds
+``param_groups``; the functional :func:`rlsgd` dispatches to ``_single_tensor_rlsgd`` (the
+readable reference, the ground truth every fast path is tested against) or
+``_multi_tensor_rlsgd`` (foreach).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from sparse_rl_optim.bf16 import (
+    compute_dtype,
+    gate_view_bits,
+    random_bits16,
+    round_nearest,
+    stochastic_round,
+    stochastic_seed,
+)
+
+__all__ = ["RLSGD", "GateStats", "rlsgd"]
+
+ROUNDING_MODES = ("nearest", "stochastic")
+
+#: Below this lr RLSGD warns: an AdamW-scale lr (~1e-6) times an RL gradient is far below half a
+#: bf16 ulp of almost every weight, so SGD would leave the bf16 model bit-identical.
+_ADAMW_SCALE_LR = 1e-3
+
+_DEFAULTS: dict[str, Any] = {
+    "momentum": 0.0,
+    "dampening": 0.0,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "maximize": False,
+    "rounding": "nearest",
+    "foreach": None,
+}
+
+
+@dataclass
+class GateStats:
+    """Per-parameter counts from one step (0-dim int64 tensors, so reading them is the only sync).
+
+    ``intended``: elements whose intended update was non-zero (``fp32(lr*d) != 0``, or weight decay
+    acting on a non-zero weight). ``swallowed``: of those, elements whose gate view (the stored
+    bf16/fp16 bits, or the bf16 rounding of an fp32 weight) did not change.
+    """
+
+    intended: Tensor
+    swallowed: Tensor
+
+
+def _fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32, as a Python float (so torch uses it exactly)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+class RLSGD(Optimizer):
+    r"""SGD for RL fine-tuning with exact, documented bf16 rounding and no state without momentum.
+
+    For each parameter ``p`` with gradient ``g`` (``g = -g`` if ``maximize``), computed in fp32 for
+    bf16/fp16 params (in the param dtype otherwise), each operation rounded separately (no FMA)::
+
+        d   = g                                    (momentum == 0)
+        buf = momentum * buf + (1 - dampening) * g (momentum > 0; buf = g on the first step)
+        d   = g + momentum * buf if nesterov else buf
+        p32 = fp32(p) * fp32(1 - lr * weight_decay)          (decoupled, as AdamW; skipped if wd == 0)
+        p   = round( p32 - fp32( fp32(lr) * d ) )
+
+    With ``rounding="nearest"`` ``round`` is round-to-nearest-even to the param dtype, so for bf16::
+
+        p_new = bf16_rtne( fp32(p) - fp32( fp32(lr) * fp32(g) ) )
+
+    With ``rounding="stochastic"`` it is unbiased stochastic rounding to bf16/fp16 (updates below
+    half an ulp survive in expectation). Its random bits come from a counter-based hash of (a per-step
+    seed drawn from torch's default generator, the tensor's index, the element's index), so
+    ``torch.manual_seed`` reproduces a run and every execution path draws the same bits. fp32/fp64
+    params always round to nearest (there is no coarser grid to round to).
+
+    Differences from ``torch.optim.SGD``: weight decay is decoupled (``p *= 1 - lr*wd``, as in
+    AdamW, not ``g += wd*p``); for bf16 params torch's CPU path ``p.add_(g, alpha=-lr)`` rounds lr
+    to bf16 first (lr 0.1 acts as 0.10009765625) and may fuse the multiply-add, RLSGD does not.
+
+    Memory: with ``momentum=0`` no per-parameter state at all. With momentum the buffer is fp32 for
+    bf16/fp16 params (so momentum keeps contributions below a bf16 ulp) and the param dtype otherwise.
+
+    Learning rate: SGD has no per-parameter normalisation, so AdamW-scale rates (~1e-6) leave bf16
+    weights bit-identical. The SGD-in-RL paper reports vanilla SGD at lr ~0.1 (no momentum, bf16
+    weights); RLSGD warns below 1e-3. Use :class:`~sparse_rl_optim.PrecisionGateTracker` to see the
+    fraction of updates the bf16 gate swallows at your lr.
+
+    Args:
+        params: iterable of parameters or param groups.
+        lr: learning rate, a float or a 1-element tensor.
+        momentum, dampening, nesterov, weight_decay, maximize: as in ``torch.optim.SGD``
+            (weight decay decoupled, see above).
+        rounding: ``"nearest"`` or ``"stochastic"``.
+        foreach: ``False`` runs the single-tensor reference; ``None`` (default) or ``True`` the
+            multi-tensor path (bounded fp32 scratch memory, bit-equal to the reference).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 0.1,
+        *,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        rounding: str = "nearest",
+        foreach: bool | None = None,
+    ) -> None:
+        _validate_hyperparameters(lr, momentum, dampening, nesterov, weight_decay, rounding)
+        lr_value = float(lr)
+        if 0.0 < lr_value < _ADAMW_SCALE_LR:
+            warnings.warn(
+                f"RLSGD got lr={lr_value:g}, an AdamW-scale learning rate. Plain SGD has no per-parameter "
+                "normalisation: lr * grad is then far below half a bf16 ulp of almost every weight and the "
+                "bf16 model stays bit-identical. SGD in RL is reported to work at lr ~0.1 (no momentum, bf16 "
+                "weights); attach a PrecisionGateTracker to see how many updates the bf16 gate swallows.",
+                UserWarning,
+                stacklevel=2,
+            )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            rounding=rounding,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+        #: Set by :class:`~sparse_rl_optim.PrecisionGateTracker`: collect :class:`GateStats` per step.
+        self.gate_stats_enabled = False
+        #: param -> :class:`GateStats` of the last step (filled only when ``gate_stats_enabled``).
+        self.gate_stats: dict[Tensor, GateStats] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _DEFAULTS.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("gate_stats_enabled", False)
+        self.__dict__.setdefault("gate_stats", {})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "rounding"):
+            if key in param_group:
+                merged = {**self.defaults, **param_group}
+                _validate_hyperparameters(
+                    merged["lr"],
+                    merged["momentum"],
+                    merged["dampening"],
+                    merged["nesterov"],
+                    merged["weight_decay"],
+                    merged["rounding"],
+                )
+                break
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``, but momentum buffers are restored in the compute dtype
+        (fp32 for bf16 params) instead of being cast to the param dtype, so state survives a round
+        trip exactly."""
+        state_dict = copy.copy(state_dict)
+        saved_state = state_dict.get("state", {})
+        buffers = {
+            index: entry["momentum_buffer"]
+            for index, entry in saved_state.items()
+            if isinstance(entry, dict) and isinstance(entry.get("momentum_buffer"), Tensor)
+        }
+        state_dict["state"] = {
+            index: {k: v for k, v in entry.items() if k != "momentum_buffer"} if index in buffers else entry
+            for index, entry in saved_state.items()
+        }
+        super().load_state_dict(state_dict)
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, param in zip(saved_ids, params, strict=True):
+            if index in buffers:
+                # The compute dtype (fp32 for bf16 params): lossless for buffers RLSGD saved, and an
+                # exact upcast for a bf16 buffer from elsewhere.
+                buffer = buffers[index].to(device=param.device, dtype=compute_dtype(param.dtype))
+                self.state[param]["momentum_buffer"] = buffer.clone(memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.gate_stats = {}
+        for group in self.param_groups:
+            params, grads, momentum_buffers = [], [], []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(
+                        "RLSGD does not support sparse gradients; use dense gradients "
+                        "(e.g. nn.Embedding(sparse=False))."
+                    )
+                params.append(param)
+                grads.append(param.grad)
+                momentum_buffers.append(self.state[param].get("momentum_buffer") if group["momentum"] != 0 else None)
+            if not params:
+                continue
+            stats = rlsgd(
+                params,
+                grads,
+                momentum_buffers,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                rounding=group["rounding"],
+                foreach=group["foreach"],
+                collect_gate_stats=self.gate_stats_enabled,
+            )
+            if group["momentum"] != 0:
+                for param, buffer in zip(params, momentum_buffers, strict=True):
+                    self.state[param]["momentum_buffer"] = buffer
+            if stats is not None:
+                self.gate_stats.update(zip(params, stats, strict=True))
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (0 with ``momentum=0``)."""
+        return sum(
+            value.numel() * value.element_size()
+            for entry in self.state.values()
+            for value in entry.values()
+            if isinstance(value, Tensor)
+        )
+
+
+def _validate_hyperparameters(
+    lr: float | Tensor, momentum: float, dampening: float, nesterov: bool, weight_decay: float, rounding: str
+) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be a 1-element tensor, got shape {tuple(lr.shape)}")
+    if not math.isfinite(float(lr)) or float(lr) < 0.0:
+        raise ValueError(f"Invalid learning rate: {float(lr)} (must be finite and >= 0)")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"Invalid dampening value: {dampening} (must be in [0, 1])")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"Unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
+
+
+def rlsgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    rounding: str = "nearest",
+    foreach: bool | None = None,
+    collect_gate_stats: bool = False,
+) -> list[GateStats] | None:
+    """Functional RLSGD (see :class:`RLSGD` for the formula). Updates ``params`` in place; new
+    momentum buffers are written into ``momentum_buffers``. Returns per-param :class:`GateStats`
+    when ``collect_gate_stats``.
+
+    ``foreach=False`` runs the single-tensor reference; ``True`` or ``None`` (the default) the
+    multi-tensor path, which works through fp32 scratch buffers of bounded size (so the transient
+    memory of a step does not grow with the model) and is tested bit-equal to the reference.
+    """
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"Unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
+    if not (len(params) == len(grads) == len(momentum_buffers)):
+        raise ValueError("params, grads and momentum_buffers must have the same length")
+    if foreach is None:
+        foreach = not torch.jit.is_scripting()
+    lr32 = _fp32(float(lr))
+    # One 32-bit seed per step from torch's default generator (so torch.manual_seed reproduces a run);
+    # each tensor's random bits derive from it and the element index, whatever path computes them.
+    step_seed = int(torch.randint(0, 2**31, (1,)).item()) if rounding == "stochastic" else 0
+    fn = _multi_tensor_rlsgd if foreach else _single_tensor_rlsgd
+    return fn(
+        params,
+        grads,
+        momentum_buffers,
+        lr=lr32,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        rounding=rounding,
+        step_seed=step_seed,
+        collect_gate_stats=collect_gate_stats,
+    )
+
+
+def _decay_factor(lr: float, weight_decay: float) -> float:
+    return _fp32(1.0 - lr * weight_decay)
+
+
+def _round_to_param(
+    new32: Tensor, dtype: torch.dtype, rounding: str, step_seed: int, index: int, start: int = 0
+) -> Tensor:
+    """Round the fp32 result to the param dtype; ``start`` is the flat offset of ``new32`` in its param."""
+    if dtype == new32.dtype:
+        return new32
+    if rounding == "stochastic":
+        bits = random_bits16(stochastic_seed(step_seed, index), start, new32.numel(), new32.device)
+        return stochastic_round(new32, dtype, bits)
+    return round_nearest(new32, dtype)
+
+
+def _intended_mask(scaled_update: Tensor, param32: Tensor, decay: float) -> Tensor:
+    intended = scaled_update != 0
+    if decay != 1.0:
+        intended |= param32 != 0
+    return intended
+
+
+def _single_tensor_rlsgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    rounding: str,
+    step_seed: int,
+    collect_gate_stats: bool,
+) -> list[GateStats] | None:
+    """The reference: one parameter at a time, the formula op by op."""
+    decay = _decay_factor(lr, weight_decay)
+    stats: list[GateStats] = []
+    for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        work_dtype = compute_dtype(param.dtype)
+        direction = grad.to(work_dtype)
+        if maximize:
+            direction = -direction
+        if momentum != 0:
+            buffer = momentum_buffers[index]
+            if buffer is None:
+                buffer = direction.clone().detach()
+                momentum_buffers[index] = buffer
+            else:
+                buffer.mul_(momentum)
+                buffer.add_(direction if dampening == 0 else direction * (1 - dampening))
+            direction = direction + buffer * momentum if nesterov else buffer
+        param32 = param.to(work_dtype, copy=True)
+        if decay != 1.0:
+            param32 = param32 * decay
+        scaled_update = direction * lr
+        new32 = param32 - scaled_update
+        new_value = _round_to_param(new32.contiguous(), param.dtype, rounding, step_seed, index).view(param.shape)
+        if collect_gate_stats:
+            before = gate_view_bits(param.detach()).clone()
+            param.copy_(new_value)
+            intended = _intended_mask(scaled_update, param32, decay)
+            unchanged = before == gate_view_bits(param.detach())
+            stats.append(GateStats(intended=intended.sum(), swallowed=(intended & unchanged).sum()))
+        else:
+            param.copy_(new_value)
+    return stats if collect_gate_stats else None
+
+
+#: Elements per fp32 scratch buffer of the multi-tensor path: on a CPU about the size of L2 (2**18
+#: was fastest of 2**14..2**22 in bench/bench_step.py here), on a GPU large enough that each launch
+#: does real work. A step's transient memory is two such buffers, whatever the model size.
+_SCRATCH_NUMEL = {"cpu": 1 << 18, "cuda": 1 << 24}
+_DEFAULT_SCRATCH_NUMEL = 1 << 20
+
+
+@dataclass
+class _Segment:
+    """Elements ``start:stop`` (flat, row-major) of parameter ``index``."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def _plan_buckets(numels: list[tuple[int, int]], bucket_numel: int) -> list[list[_Segment]]:
+    """Cut tensors ``(index, numel)`` into segments and pack them into buckets of at most
+    ``bucket_numel`` elements, in order."""
+    buckets: list[list[_Segment]] = [[]]
+    filled = 0
+    for index, numel in numels:
+        start = 0
+        while start < numel:
+            if filled == bucket_numel:
+                buckets.append([])
+                filled = 0
+            stop = min(numel, start + bucket_numel - filled)
+            buckets[-1].append(_Segment(index, start, stop))
+            filled += stop - start
+            start = stop
+    return [bucket for bucket in buckets if bucket]
+
+
+def _multi_tensor_rlsgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    rounding: str,
+    step_seed: int,
+    collect_gate_stats: bool,
+) -> list[GateStats] | None:
+    """The same formula with ``torch._foreach_*`` ops over buckets of flat segments, through two fp32
+    scratch buffers per (device, dtype) group."""
+    decay = _decay_factor(lr, weight_decay)
+    intended_counts: list[Tensor | int] = [0] * len(params)
+    swallowed_counts: list[Tensor | int] = [0] * len(params)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, param in enumerate(params):
+        groups.setdefault((param.device, param.dtype), []).append(index)
+
+    for (device, dtype), indices in groups.items():
+        work_dtype = compute_dtype(dtype)
+        # Row-major flat views; a non-contiguous param is updated through a contiguous copy.
+        flat_params = {i: params[i].detach().reshape(-1) if params[i].is_contiguous() else None for i in indices}
+        for i in indices:
+            if flat_params[i] is None:
+                flat_params[i] = params[i].detach().contiguous().reshape(-1)
+        flat_grads = {i: grads[i].reshape(-1) for i in indices}
+        flat_buffers: dict[int, Tensor] = {}
+        first_step: set[int] = set()
+        if momentum != 0:
+            for i in indices:
+                if momentum_buffers[i] is None:
+                    momentum_buffers[i] = torch.empty(params[i].shape, dtype=work_dtype, device=device)
+                    first_step.add(i)
+                elif not momentum_buffers[i].is_contiguous():
+                    momentum_buffers[i] = momentum_buffers[i].contiguous()
+                flat_buffers[i] = momentum_buffers[i].view(-1)
+
+        bucket_numel = _SCRATCH_NUMEL.get(device.type, _DEFAULT_SCRATCH_NUMEL)
+        group_numel = sum(params[i].numel() for i in indices)
+        scratch_direction = torch.empty(min(bucket_numel, group_numel), dtype=work_dtype, device=device)
+        scratch_param = torch.empty_like(scratch_direction)
+        for bucket in _plan_buckets([(i, params[i].numel()) for i in indices], bucket_numel):
+            sizes = [segment.stop - segment.start for segment in bucket]
+            total = sum(sizes)
+            directions = list(scratch_direction[:total].split(sizes))
+            params32 = list(scratch_param[:total].split(sizes))
+            param_parts = [flat_params[seg.index][seg.start : seg.stop] for seg in bucket]
+            torch._foreach_copy_(directions, [flat_grads[seg.index][seg.start : seg.stop] for seg in bucket])
+            if maximize:
+                torch._foreach_neg_(directions)
+            if momentum != 0:
+                _momentum_update(bucket, directions, flat_buffers, first_step, momentum, dampening, nesterov)
+            torch._foreach_mul_(directions, lr)  # now the scaled update fp32(lr * d)
+            torch._foreach_copy_(params32, param_parts)
+            if decay != 1.0:
+                torch._foreach_mul_(params32, decay)
+            if collect_gate_stats:
+                befores = [gate_view_bits(part).clone() for part in param_parts]
+                intended = [_intended_mask(d, p, decay) for d, p in zip(directions, params32, strict=True)]
+            torch._foreach_sub_(params32, directions)
+            if rounding == "nearest" or work_dtype == dtype:
+                torch._foreach_copy_(param_parts, params32)  # copy_ from fp32 rounds to nearest even
+            else:
+                for seg, part, value in zip(bucket, param_parts, params32, strict=True):
+                    part.copy_(_round_to_param(value, dtype, rounding, step_seed, seg.index, seg.start))
+            if collect_gate_stats:
+                for seg, part, before, mask in zip(bucket, param_parts, befores, intended, strict=True):
+                    unchanged = before == gate_view_bits(part)
+                    intended_counts[seg.index] += mask.sum()
+                    swallowed_counts[seg.index] += (mask & unchanged).sum()
+        for i in indices:
+            if not params[i].is_contiguous():
+                params[i].detach().copy_(flat_params[i].view(params[i].shape))
+
+    if not collect_gate_stats:
+        return None
+    return [
+        GateStats(intended=torch.as_tensor(intended), swallowed=torch.as_tensor(swallowed))
+        for intended, swallowed in zip(intended_counts, swallowed_counts, strict=True)
+    ]
+
+
+def _momentum_update(
+    bucket: list[_Segment],
+    directions: list[Tensor],
+    flat_buffers: dict[int, Tensor],
+    first_step: set[int],
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+) -> None:
+    """buf = momentum * buf + (1 - dampening) * d (buf = d on the first step); then d = g + momentum
+    * buf (nesterov) or d = buf, written into ``directions``."""
+    buffer_parts = [flat_buffers[seg.index][seg.start : seg.stop] for seg in bucket]
+    fresh = [slot for slot, seg in enumerate(bucket) if seg.index in first_step]
+    running = [slot for slot, seg in enumerate(bucket) if seg.index not in first_step]
+    if fresh:
+        torch._foreach_copy_([buffer_parts[s] for s in fresh], [directions[s] for s in fresh])
+    if running:
+        running_buffers = [buffer_parts[s] for s in running]
+        running_directions = [directions[s] for s in running]
+        torch._foreach_mul_(running_buffers, momentum)
+        if dampening == 0:
+            torch._foreach_add_(running_buffers, running_directions)
+        else:
+            torch._foreach_add_(running_buffers, torch._foreach_mul(running_directions, 1 - dampening))
+    if nesterov:
+        torch._foreach_add_(directions, torch._foreach_mul(buffer_parts, momentum))
+    else:
+        torch._foreach_copy_(directions, buffer_parts)

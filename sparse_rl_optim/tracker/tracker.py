@@ -1,0 +1,301 @@
+"""PrecisionGateTracker: which weights an optimizer step actually changed, exactly, and why not."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from sparse_rl_optim.bf16 import bits_view_dtype, gate_view_bits
+from sparse_rl_optim.tracker.module_kinds import MODULE_KINDS, layer_index, module_kind
+from sparse_rl_optim.tracker.reference import SparseReference
+
+__all__ = ["PrecisionGateTracker", "unwrap_optimizer"]
+
+
+def unwrap_optimizer(optimizer: Optimizer) -> Optimizer:
+    """The innermost torch optimizer behind wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    while isinstance(getattr(optimizer, "optimizer", None), Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class _TrackedParam:
+    __slots__ = ("before", "kind", "layer", "name", "param", "reference", "since_sync", "view_dtype")
+
+    def __init__(self, name: str, param: Tensor) -> None:
+        self.name = name
+        self.param = param
+        self.kind = module_kind(name)
+        self.layer = layer_index(name)
+        self.view_dtype = bits_view_dtype(param.dtype)
+        bits = self.bits()
+        self.reference = SparseReference(bits)
+        self.since_sync = SparseReference(bits)
+        self.before: Tensor | None = None
+
+    def bits(self) -> Tensor:
+        return gate_view_bits(self.param.detach()).reshape(-1)
+
+
+class PrecisionGateTracker:
+    """Records, per optimizer step, exactly which stored weights changed (bitwise) and why not.
+
+    ``tracker = PrecisionGateTracker(model); tracker.attach(optimizer)`` works for any
+    ``torch.optim.Optimizer`` (through its step pre/post hooks). Per step it diffs the *gate view*
+    of each tracked parameter: the stored bits of bf16/fp16 params, and for fp32 params the bf16
+    value an inference engine would load. ``history`` gets one record per step::
+
+        {"step", "changed", "total", "changed_fraction", "per_param": {name: changed},
+         "cumulative_changed", "changed_since_sync", "intended", "swallowed", "nonfinite",
+         "by_kind": {kind: {"changed", "cumulative_changed", "total"}},
+         "by_layer": {layer: {...}}}
+
+    ``cumulative_changed`` counts elements that differ from the reference weights (those at attach
+    time, or ``reset_reference()``); ``changed_since_sync`` those that differ from the weights at the
+    last ``mark_synced()``; both exact. ``intended``/``swallowed`` (only for optimizers that report
+    them, such as :class:`~sparse_rl_optim.RLSGD`): elements whose intended update was non-zero, and
+    of those the ones the precision gate swallowed (the gate view did not change).
+
+    Memory: while attached, 1/8 byte per element per reference (reference and sync), plus 10 bytes
+    per element that changed since that reference, capped at a 2-byte dense copy per element; during
+    a step a transient 2-byte snapshot per element. ``memory_bytes()`` reports the figures.
+
+    Args:
+        model: an ``nn.Module`` (its parameters with ``requires_grad``) or ``(name, param)`` pairs.
+        jsonl_path: if given, every record is appended to this JSON-lines file as it is made.
+        warn_nonfinite: warn when weights become NaN/inf (they are always counted in ``nonfinite``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[tuple[str, Tensor]],
+        *,
+        jsonl_path: str | os.PathLike[str] | None = None,
+        warn_nonfinite: bool = True,
+    ) -> None:
+        if isinstance(model, nn.Module):
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        else:
+            named = list(model)
+        for name, param in named:
+            if not isinstance(param, Tensor) or not param.is_floating_point():
+                raise TypeError(f"PrecisionGateTracker tracks floating-point tensors; {name!r} is not one")
+        if not named:
+            raise ValueError("PrecisionGateTracker got no parameters to track")
+        self._params = [_TrackedParam(name, param) for name, param in named]
+        self.total = sum(t.param.numel() for t in self._params)
+        self.history: list[dict[str, Any]] = []
+        self.jsonl_path = os.fspath(jsonl_path) if jsonl_path is not None else None
+        self.warn_nonfinite = warn_nonfinite
+        self._optimizer: Optimizer | None = None
+        self._hook_handles: list[Any] = []
+        self._step = 0
+        self._peak_snapshot_bytes = 0
+
+    # -- attaching -------------------------------------------------------------------------
+    def attach(self, optimizer: Optimizer, *, start_step: int = 0) -> PrecisionGateTracker:
+        """Observe every ``optimizer.step()`` from now on; the reference weights are the current ones.
+        Records are numbered from ``start_step + 1`` (e.g. a trainer's step when resuming)."""
+        if self._optimizer is not None:
+            raise RuntimeError("PrecisionGateTracker is already attached; call detach() first")
+        optimizer = unwrap_optimizer(optimizer)
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._optimizer = optimizer
+        self._step = start_step
+        self.reset_reference()
+        self._hook_handles = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+        if hasattr(optimizer, "gate_stats_enabled"):
+            optimizer.gate_stats_enabled = True
+        return self
+
+    def detach(self) -> None:
+        """Stop observing; history and counts are kept."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        if self._optimizer is not None and hasattr(self._optimizer, "gate_stats_enabled"):
+            self._optimizer.gate_stats_enabled = False
+        self._optimizer = None
+        for tracked in self._params:
+            tracked.before = None
+
+    def reset_reference(self) -> None:
+        """Make the current weights the reference for ``cumulative_changed`` (and the sync point)."""
+        for tracked in self._params:
+            bits = tracked.bits()
+            tracked.reference.reset(bits)
+            tracked.since_sync.reset(bits)
+
+    def mark_synced(self) -> None:
+        """The current weights were shipped (e.g. to the inference engine): restart ``changed_since_sync``."""
+        for tracked in self._params:
+            tracked.since_sync.reset(tracked.bits())
+
+    # -- the hooks -------------------------------------------------------------------------
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        snapshot_bytes = 0
+        for tracked in self._params:
+            tracked.before = tracked.bits().clone()
+            snapshot_bytes += tracked.before.numel() * tracked.before.element_size()
+        self._peak_snapshot_bytes = max(self._peak_snapshot_bytes, snapshot_bytes)
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._step += 1
+        gate_stats = getattr(optimizer, "gate_stats", None) or {}
+        counts: list[Tensor] = []  # per param: changed, cumulative, since sync, nonfinite
+        intended: list[Tensor] = []
+        swallowed: list[Tensor] = []
+        for tracked in self._params:
+            before, after = tracked.before, tracked.bits()
+            tracked.before = None
+            if before is None:
+                raise RuntimeError("PrecisionGateTracker saw a step end without its start")
+            changed = before != after
+            tracked.reference.record(changed, before, after)
+            tracked.since_sync.record(changed, before, after)
+            after_values = after.view(tracked.view_dtype)
+            became_nonfinite = (~torch.isfinite(after_values) & torch.isfinite(before.view(tracked.view_dtype))).sum()
+            counts.append(
+                torch.stack(
+                    [
+                        changed.sum(),
+                        tracked.reference.count_differing(after),
+                        tracked.since_sync.count_differing(after),
+                        became_nonfinite,
+                    ]
+                ).cpu()
+            )
+            stats = gate_stats.get(tracked.param)
+            if stats is not None:  # params without a gradient this step had no intended update
+                intended.append(stats.intended.reshape(()).cpu())
+                swallowed.append(stats.swallowed.reshape(()).cpu())
+        table = torch.stack(counts).tolist()  # one host sync per step, not one per tensor
+        has_gate_stats = bool(getattr(optimizer, "gate_stats_enabled", False))
+        record = self._make_record(
+            table,
+            sum(int(x) for x in intended) if has_gate_stats else None,
+            sum(int(x) for x in swallowed) if has_gate_stats else None,
+        )
+        self.history.append(record)
+        if self.jsonl_path is not None:
+            with open(self.jsonl_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if record["nonfinite"] and self.warn_nonfinite:
+            names = [t.name for t, row in zip(self._params, table, strict=True) if row[3]]
+            warnings.warn(
+                f"step {self._step}: {record['nonfinite']} weights became NaN/inf (in {', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}); check the gradients and the learning rate",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _make_record(self, table: list[list[int]], intended: int | None, swallowed: int | None) -> dict[str, Any]:
+        by_kind: dict[str, dict[str, int]] = {}
+        by_layer: dict[str, dict[str, int]] = {}
+        for tracked, (changed, cumulative, _since_sync, _) in zip(self._params, table, strict=True):
+            for groups, key in ((by_kind, tracked.kind), (by_layer, str(tracked.layer))):
+                entry = groups.setdefault(key, {"changed": 0, "cumulative_changed": 0, "total": 0})
+                entry["changed"] += changed
+                entry["cumulative_changed"] += cumulative
+                entry["total"] += tracked.param.numel()
+        changed_total = sum(row[0] for row in table)
+        return {
+            "step": self._step,
+            "changed": changed_total,
+            "total": self.total,
+            "changed_fraction": changed_total / self.total,
+            "cumulative_changed": sum(row[1] for row in table),
+            "changed_since_sync": sum(row[2] for row in table),
+            "intended": intended,
+            "swallowed": swallowed,
+            "nonfinite": sum(row[3] for row in table),
+            "per_param": {tracked.name: row[0] for tracked, row in zip(self._params, table, strict=True)},
+            "by_kind": {kind: by_kind[kind] for kind in MODULE_KINDS if kind in by_kind},
+            "by_layer": by_layer,
+        }
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def changed_since_sync(self) -> int:
+        """Elements whose gate view differs from the weights at the last ``mark_synced()``."""
+        return int(sum(int(t.since_sync.count_differing(t.bits())) for t in self._params))
+
+    def changed_masks(self, since: str = "reference") -> dict[str, Tensor]:
+        """Per-parameter bool masks (param-shaped) of elements that differ from the reference
+        (``since="reference"``) or from the last sync (``since="sync"``)."""
+        if since not in ("reference", "sync"):
+            raise ValueError(f"since must be 'reference' or 'sync', got {since!r}")
+        masks = {}
+        for tracked in self._params:
+            store = tracked.reference if since == "reference" else tracked.since_sync
+            masks[tracked.name] = store.differing_mask(tracked.bits()).reshape(tracked.param.shape)
+        return masks
+
+    def memory_bytes(self) -> dict[str, float]:
+        """Extra memory the tracker costs: persistent bytes now, the peak transient step snapshot,
+        and both per tracked element."""
+        persistent = sum(t.reference.nbytes() + t.since_sync.nbytes() for t in self._params)
+        return {
+            "persistent_bytes": persistent,
+            "persistent_bytes_per_param": persistent / self.total,
+            "step_snapshot_bytes": self._peak_snapshot_bytes,
+            "step_snapshot_bytes_per_param": self._peak_snapshot_bytes / self.total,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Totals over the history: per-step and cumulative changed fractions, overall, by module
+        kind and by layer; the swallowed fraction (``swallowed / total`` and ``swallowed / intended``)."""
+        steps = len(self.history)
+        last = self.history[-1] if self.history else None
+        result: dict[str, Any] = {
+            "steps": steps,
+            "total": self.total,
+            "last_changed_fraction": last["changed_fraction"] if last else 0.0,
+            "mean_changed_fraction": sum(r["changed_fraction"] for r in self.history) / steps if steps else 0.0,
+            "cumulative_changed": last["cumulative_changed"] if last else 0,
+            "cumulative_changed_fraction": last["cumulative_changed"] / self.total if last else 0.0,
+            "changed_since_sync": self.changed_since_sync,
+            "swallowed_fraction": None,
+            "swallowed_of_intended": None,
+            "memory": self.memory_bytes(),
+        }
+        with_stats = [r for r in self.history if r["swallowed"] is not None]
+        if with_stats:
+            result["swallowed_fraction"] = sum(r["swallowed"] for r in with_stats) / (len(with_stats) * self.total)
+            intended = sum(r["intended"] for r in with_stats)
+            result["swallowed_of_intended"] = sum(r["swallowed"] for r in with_stats) / intended if intended else 0.0
+        for group_key in ("by_kind", "by_layer"):
+            grouped: dict[str, dict[str, float]] = {}
+            if last:
+                for key, entry in last[group_key].items():
+                    step_fractions = [r[group_key][key]["changed"] / entry["total"] for r in self.history]
+                    grouped[key] = {
+                        "total": entry["total"],
+                        "mean_changed_fraction": sum(step_fractions) / steps,
+                        "cumulative_changed_fraction": entry["cumulative_changed"] / entry["total"],
+                    }
+            result[group_key] = grouped
+        return result
+
+    def save_history(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole history as JSON lines, one record per step."""
+        with open(path, "w", encoding="utf-8") as handle:
+            for record in self.history:
+                handle.write(json.dumps(record) + "\n")
+
+    def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:
+        """Save a PNG: changed fraction per step and cumulative, overall and by module kind."""
+        from sparse_rl_optim.tracker.plot import plot_history
+
+        plot_history(self.history, path, title=title)

@@ -1,0 +1,56 @@
+"""Independent references, written out in numpy: fp32 arithmetic op by op, then rounding to
+nearest even to bf16 by integer ops on the bit pattern. Nothing here calls the package."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def bf16_bits(tensor: torch.Tensor) -> np.ndarray:
+    """The bf16 bit patterns of a bf16 tensor as uint16 numpy."""
+    assert tensor.dtype == torch.bfloat16
+    return tensor.detach().contiguous().view(torch.int16).numpy().view(np.uint16).copy()
+
+
+def fp32_of_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def rtne_fp32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even fp32 -> bf16, on the bits: u + 0x7FFF + ((u >> 16) & 1), keep the top
+    half; NaN becomes a quiet NaN (payload unspecified: compare with :func:`bits_equal`)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    u = values.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    rounded[np.isnan(values)] = 0x7FC0
+    return rounded
+
+
+def is_nan_bits(bits: np.ndarray) -> np.ndarray:
+    return ((bits & 0x7F80) == 0x7F80) & ((bits & 0x007F) != 0)
+
+
+def bits_equal(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Elementwise bit equality of bf16 patterns, where any NaN equals any NaN."""
+    return (actual == expected) | (is_nan_bits(actual) & is_nan_bits(expected))
+
+
+def sgd_step_bf16_bits(
+    param_bits: np.ndarray,
+    grad: np.ndarray,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    direction: np.ndarray | None = None,
+) -> np.ndarray:
+    """p_new = bf16_rtne( fp32(p) [* fp32(1 - lr*wd)] - fp32( fp32(lr) * d ) ), d = +-g or ``direction``."""
+    p32 = fp32_of_bf16_bits(param_bits)
+    d = np.asarray(grad, dtype=np.float32) if direction is None else np.asarray(direction, dtype=np.float32)
+    if maximize and direction is None:
+        d = -d
+    if weight_decay:
+        p32 = (p32 * np.float32(1.0 - np.float32(lr) * weight_decay)).astype(np.float32)
+    update = (np.float32(lr) * d).astype(np.float32)
+    return rtne_fp32_to_bf16_bits((p32 - update).astype(np.float32))

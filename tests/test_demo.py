@@ -1,0 +1,129 @@
+"""End to end: ``python -m sparse_rl_optim.demo`` in a subprocess, tiny and offline on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--warm-start-steps", "20", "--hidden-size", "32"]
+
+
+def run_demo(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run(
+        [sys.executable, "-m", "sparse_rl_optim.demo", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def table_rows(stdout: str) -> tuple[str, list[list[str]]]:
+    """The per-step table: its header line and the whitespace-split data rows under it."""
+    lines = stdout.splitlines()
+    header_index = next(
+        i for i, line in enumerate(lines) if "reward" in line and "changed/step" in line and "swallowed" in line
+    )
+    assert set(lines[header_index + 1]) == {"-"}
+    rows = []
+    for line in lines[header_index + 2 :]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return lines[header_index], rows
+
+
+@pytest.fixture(scope="module")
+def rlsgd_demo(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    root = tmp_path_factory.mktemp("demo_rlsgd")
+    output_dir = root / "out"
+    result = run_demo(["--steps", "3", *TINY, "--output-dir", str(output_dir)], cwd=root)
+    return result, output_dir
+
+
+def test_demo_rlsgd_runs_and_prints_table_and_state_bytes(rlsgd_demo):
+    result, _ = rlsgd_demo
+    assert result.returncode == 0, result.stderr[-4000:]
+    header, rows = table_rows(result.stdout)
+    assert header.split() == ["step", "reward", "changed/step", "cumulative", "swallowed"]
+    assert [row[0] for row in rows] == ["1", "2", "3"]
+    for row in rows:
+        assert len(row) == 5
+        assert all(cell.endswith("%") for cell in row[2:])  # RLSGD reports a swallowed fraction
+    assert re.search(r"^optimizer state: 0 bytes \(0\.00 B/param\) vs AdamW [\d,]+ bytes", result.stdout, re.M)
+    assert "precision gate: swallowed" in result.stdout
+
+
+def test_demo_rlsgd_writes_plot_history_and_summary(rlsgd_demo):
+    result, output_dir = rlsgd_demo
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    png = (output_dir / "gate.png").read_bytes()
+    assert png.startswith(PNG_MAGIC)
+    assert len(png) > 5_000
+
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["optimizer"] == "rlsgd"
+    assert summary["optimizer_state_bytes"] == 0
+    assert summary["adamw_state_bytes"] > 0
+    # AdamW keeps two moments per weight: at least 2 bytes each for bf16 weights.
+    assert summary["adamw_state_bytes"] >= 4 * summary["params"]
+    assert summary["swallowed_fraction"] is not None and 0.0 <= summary["swallowed_fraction"] <= 1.0
+
+    lines = (output_dir / "gate_history.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3
+    assert [record["step"] for record in records] == [1, 2, 3]
+    for record in records:
+        assert {"step", "changed", "total", "per_param"} <= record.keys()
+        assert record["total"] == summary["params"]
+        assert record["changed"] == sum(record["per_param"].values())
+        assert 0 <= record["changed"] <= record["total"]
+    assert summary["cumulative_changed_fraction"] == pytest.approx(
+        records[-1]["cumulative_changed"] / summary["params"]
+    )
+
+
+def test_demo_adamw_reports_state_bytes_and_no_swallowed(tmp_path):
+    output_dir = tmp_path / "out"
+    result = run_demo(["--optimizer", "adamw", "--steps", "2", *TINY, "--output-dir", str(output_dir)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["optimizer"] == "adamw"
+    assert summary["optimizer_state_bytes"] > 0
+    # The measured AdamW figure is what the AdamW run actually holds.
+    assert summary["optimizer_state_bytes"] == summary["adamw_state_bytes"]
+    assert summary["swallowed_fraction"] is None
+    assert summary["swallowed_of_intended"] is None
+
+    _, rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert all(row[-1] == "n/a" for row in rows)
+    assert "precision gate: swallowed" not in result.stdout
+    assert f"optimizer state: {summary['optimizer_state_bytes']:,} bytes" in result.stdout
+    assert len((output_dir / "gate_history.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--steps", "0"], "--steps must be >= 1"), (["--optimizer", "lion"], "invalid choice")],
+    ids=["steps-0", "unknown-optimizer"],
+)
+def test_demo_rejects_bad_arguments(tmp_path, args, message):
+    result = run_demo([*args, "--output-dir", str(tmp_path / "out")], cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
