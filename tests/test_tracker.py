@@ -276,3 +276,13 @@ def test_tracker_warns_nothing_in_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.step()
+
+
+def test_records_are_numbered_from_start_step():
+    param = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    optimizer = RLSGD([param], lr=0.5)
+    tracker = PrecisionGateTracker([("w", param)]).attach(optimizer, start_step=7)
+    for _ in range(2):
+        param.grad = torch.ones(4, dtype=torch.bfloat16)
+        optimizer.step()
+    assert [record["step"] for record in tracker.history] == [8, 9]

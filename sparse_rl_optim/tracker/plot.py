@@ -36,7 +36,8 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike[str]
         axis.plot(steps, overall, color="black", linewidth=2.2, label="all weights")
         for kind in kinds:
             fractions = [record["by_kind"][kind][key] / record["by_kind"][kind]["total"] for record in history]
-            axis.plot(steps, positive(fractions), linewidth=1.2, label=kind)
+            label = kind if any(fractions) else f"{kind} (none changed)"
+            axis.plot(steps, positive(fractions), linewidth=1.2, label=label)
         axis.set_yscale("log")
         axis.set_xlabel("optimizer step")
         axis.grid(True, which="both", alpha=0.3)
