@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The CPU wheel of torch; a plain `torch` requirement would pull a multi-GB CUDA build.
+# Pinned first: on this project's machines pip takes torch 2.13.0 from a CPU wheel on disk, whereas
+# a bare `torch` requirement would resolve to a newer multi-GB CUDA build. Override for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 

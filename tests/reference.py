@@ -36,6 +36,11 @@ def bits_equal(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return (actual == expected) | (is_nan_bits(actual) & is_nan_bits(expected))
 
 
+def decay_factor_fp32(lr: float, weight_decay: float) -> np.float32:
+    """fp32(1 - fp32(fp32(lr) * fp32(wd))), each operation in fp32."""
+    return np.float32(1.0) - np.float32(lr) * np.float32(weight_decay)
+
+
 def sgd_step_bf16_bits(
     param_bits: np.ndarray,
     grad: np.ndarray,
@@ -51,6 +56,6 @@ def sgd_step_bf16_bits(
     if maximize and direction is None:
         d = -d
     if weight_decay:
-        p32 = (p32 * np.float32(1.0 - np.float32(lr) * weight_decay)).astype(np.float32)
+        p32 = (p32 * decay_factor_fp32(lr, weight_decay)).astype(np.float32)
     update = (np.float32(lr) * d).astype(np.float32)
     return rtne_fp32_to_bf16_bits((p32 - update).astype(np.float32))

@@ -163,7 +163,10 @@ def test_sparse_reference_switches_to_dense_and_stays_exact():
         if step == 0:
             assert not store.is_dense
     assert store.is_dense  # >20% touched: a dense copy is smaller than index + value pairs
-    assert store.nbytes() == 1000 * 2
+    held = sum(
+        t.untyped_storage().nbytes() for t in (store._touched, store._indices, store._reference_values, store._dense)
+    )
+    assert store.nbytes() == held == 1000 * 2  # the sparse storage was freed, not kept behind a view
 
 
 @given(length=st.integers(0, 100), seed=st.integers(0, 2**31 - 1))
@@ -286,3 +289,23 @@ def test_records_are_numbered_from_start_step():
         param.grad = torch.ones(4, dtype=torch.bfloat16)
         optimizer.step()
     assert [record["step"] for record in tracker.history] == [8, 9]
+
+
+def test_changes_outside_the_step_are_detected_and_warned():
+    param = nn.Parameter(torch.ones(100, dtype=torch.bfloat16))
+    optimizer = RLSGD([param], lr=0.5)
+    tracker = PrecisionGateTracker([("w", param)]).attach(optimizer)
+    param.grad = torch.zeros(100, dtype=torch.bfloat16)
+    param.grad[0] = 1.0
+    optimizer.step()
+    assert tracker.history[-1]["changed_outside_step"] == []
+    with torch.no_grad():
+        param[10:20] = 3.0  # e.g. an EMA or a load_state_dict between steps
+    with pytest.warns(RuntimeWarning, match="changed outside optimizer.step"):
+        optimizer.step()
+    assert tracker.history[-1]["changed_outside_step"] == ["w"]
+    tracker.reset_reference()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+    assert tracker.history[-1]["changed_outside_step"] == []

@@ -96,9 +96,11 @@ def param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
-def assert_log_matches_history(entries: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
-    """With logging_steps=1 each logged entry is exactly one tracker record (at a sync the callback
-    logs what the sync shipped, which is the record's changed_since_sync: both are read after the step)."""
+def assert_log_matches_history(
+    entries: list[dict[str, Any]], history: list[dict[str, Any]], sync_steps: set[int]
+) -> None:
+    """With logging_steps=1 each logged entry is exactly one tracker record. At a sync step the
+    record's changed_since_sync (read after the step) is what the sync shipped, and nothing is pending."""
     assert [entry["step"] for entry in entries] == [record["step"] for record in history]
     for entry, record in zip(entries, history, strict=True):
         total = record["total"]
@@ -119,9 +121,14 @@ def assert_log_matches_history(entries: list[dict[str, Any]], history: list[dict
         assert gate["gate/cumulative_changed_fraction"] == pytest.approx(
             record["cumulative_changed"] / total, rel=1e-12
         )
-        assert gate["gate/changed_since_sync_fraction"] == pytest.approx(
-            record["changed_since_sync"] / total, rel=1e-12
-        )
+        if record["step"] in sync_steps:
+            assert gate["gate/synced_fraction"] == pytest.approx(record["changed_since_sync"] / total, rel=1e-12)
+            assert gate["gate/changed_since_sync_fraction"] == 0.0
+        else:
+            assert "gate/synced_fraction" not in gate
+            assert gate["gate/changed_since_sync_fraction"] == pytest.approx(
+                record["changed_since_sync"] / total, rel=1e-12
+            )
         assert gate["gate/swallowed_fraction"] == pytest.approx(record["swallowed"] / total, rel=1e-12)
         for kind, counts in record["by_kind"].items():
             expected = counts["cumulative_changed"] / counts["total"]
@@ -146,7 +153,8 @@ def test_gate_callback_logs_metrics_that_match_tracker_and_weights(tmp_path, tok
     assert unwrap_optimizer(trainer.optimizer) is optimizer
     tracker = callback.tracker
     assert tracker is not None
-    assert callback.sync_every == 1  # GRPO defaults: one generation per optimizer step
+    assert [s for s in range(1, 4) if callback.is_sync_step(s)] == [1, 2, 3]  # GRPO defaults: a sync a step
+    assert [step for step, _ in callback.syncs] == [1, 2, 3]
     history = tracker.history
     assert [record["step"] for record in history] == [1, 2, 3]
     assert tracker.total == sum(p.numel() for p in model.parameters())
@@ -154,7 +162,7 @@ def test_gate_callback_logs_metrics_that_match_tracker_and_weights(tmp_path, tok
 
     entries = gate_entries(trainer.state.log_history)
     assert len(entries) == 3
-    assert_log_matches_history(entries, history)
+    assert_log_matches_history(entries, history, {1, 2, 3})
 
     # The bf16 weights really moved, and the tracker's counts are the real bitwise diff.
     assert any(record["changed"] > 0 for record in history)
@@ -184,16 +192,48 @@ def test_gate_callback_syncs_at_grpo_generation_interval(tmp_path, tokenizer, da
         callbacks=[callback],
     )
     trainer.train()
-    assert callback.sync_every == 2
+    assert [step for step, _ in callback.syncs] == [2, 4]
     history = callback.tracker.history
     assert [record["step"] for record in history] == [1, 2, 3, 4]
-    assert_log_matches_history(gate_entries(trainer.state.log_history), history)
+    assert_log_matches_history(gate_entries(trainer.state.log_history), history, {2, 4})
     # First step after a sync: since-sync is this step's change; second: the union of two steps'.
     for first, second in (history[0], history[1]), (history[2], history[3]):
         assert first["changed_since_sync"] == first["changed"]
         assert second["changed_since_sync"] > second["changed"]
         assert second["changed_since_sync"] <= first["changed"] + second["changed"]
     assert history[0]["changed_since_sync"] == history[0]["cumulative_changed"]
+
+
+@pytest.mark.parametrize(("accumulation", "steps_per_generation"), [(2, 5), (2, 1), (1, 3)])
+def test_sync_schedule_matches_when_grpo_generates(tmp_path, tokenizer, dataset, accumulation, steps_per_generation):
+    """The weights a vLLM sync would load are those of the optimizer step completed when TRL generates:
+    record global_step at every real generation and compare with the callback's schedule."""
+    model = make_model(tokenizer)
+    callback = PrecisionGateCallback()
+    config = make_config(
+        tmp_path,
+        max_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=steps_per_generation,
+    )
+    trainer = GRPOTrainer(
+        **grpo_kwargs(tokenizer, dataset, model, config),
+        optimizers=(RLSGD(model.parameters(), lr=LR), None),
+        callbacks=[callback],
+    )
+    generated_at: list[int] = []
+    generate = trainer._generate_and_score_completions
+
+    def recording_generate(*args: Any, **kwargs: Any) -> Any:
+        generated_at.append(trainer.state.global_step)
+        return generate(*args, **kwargs)
+
+    trainer._generate_and_score_completions = recording_generate
+    trainer.train()
+    loaded = sorted({step for step in generated_at if step > 0})
+    assert loaded, "no generation after the first optimizer step: the test would prove nothing"
+    assert [step for step, _ in callback.syncs if step < 6] == loaded
 
 
 def test_gate_callback_averages_over_logging_interval(tmp_path, tokenizer, dataset):
@@ -216,7 +256,11 @@ def test_gate_callback_averages_over_logging_interval(tmp_path, tokenizer, datas
         assert entry["gate/swallowed_fraction"] == pytest.approx(swallowed, rel=1e-12)
         last = records[-1]
         assert entry["gate/cumulative_changed_fraction"] == pytest.approx(last["cumulative_changed"] / total)
-        assert entry["gate/changed_since_sync_fraction"] == pytest.approx(last["changed_since_sync"] / total)
+        # a sync every step (GRPO defaults): the interval's two syncs shipped each step's change
+        assert entry["gate/synced_fraction"] == pytest.approx(
+            sum(r["changed_since_sync"] for r in records) / (2 * total), rel=1e-12
+        )
+        assert entry["gate/changed_since_sync_fraction"] == 0.0
 
 
 # -- 2. optimizer class + kwargs -------------------------------------------------------------------
@@ -248,7 +292,7 @@ def test_optimizer_cls_grpo_trainer_builds_rlsgd_and_logs_gate_metrics(tmp_path,
     entries = gate_entries(trainer.state.log_history)
     assert len(entries) == 2
     # swallowed_fraction is only there because the callback found RLSGD's gate statistics.
-    assert_log_matches_history(entries, history)
+    assert_log_matches_history(entries, history, {1, 2})
 
 
 def test_with_optimizer_cls_and_kwargs_wraps_any_trainer_class():

@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     accuracy_after = greedy_accuracy(model, tokenizer, held_out)
 
     rows = [entry for entry in trainer.state.log_history if "gate/changed_fraction" in entry]
-    print(_format_table(rows))
+    every = -(-len(rows) // 25)  # at most ~25 rows on screen; gate_history.jsonl has every step
+    print(_format_table([row for index, row in enumerate(rows) if index % every == 0 or index == len(rows) - 1]))
     tracker = callback.tracker
     assert tracker is not None
     title = f"{args.optimizer} lr={args.lr:g} on a {tracker.total / 1e6:.2f}M-param bf16 Llama (GRPO)"

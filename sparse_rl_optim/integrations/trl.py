@@ -43,20 +43,29 @@ class PrecisionGateCallback(TrainerCallback):
     """Attaches a :class:`~sparse_rl_optim.PrecisionGateTracker` to the trainer's optimizer and logs
     gate metrics, under keys starting with ``gate/``, into ``trainer.state.log_history``.
 
-    Logged per logging step (averaged over the optimizer steps since the last log where it says so):
-    ``gate/changed_fraction`` (mean per step), ``gate/cumulative_changed_fraction`` (differs from the
-    weights at the start of training), ``gate/changed_since_sync_fraction`` (differs from the weights
-    at the last sync to the inference engine), ``gate/swallowed_fraction`` (RLSGD only: intended
-    non-zero but unchanged, over all weights), and ``gate/cumulative/<kind>`` per module kind.
+    Logged at each logging step, over the optimizer steps since the previous log:
+
+    * ``gate/changed_fraction``: mean per step of the fraction of weights whose bits changed;
+    * ``gate/cumulative_changed_fraction``: weights that differ from those at the start of training;
+    * ``gate/changed_since_sync_fraction``: weights that differ from the last sync to the inference
+      engine, i.e. what the next sync must ship (0 right after a sync);
+    * ``gate/synced_fraction``: mean of what each sync in the interval shipped (only when one happened);
+    * ``gate/swallowed_fraction``, ``gate/swallowed_of_intended`` (RLSGD only): weights whose gradient
+      update was non-zero but whose bf16 value did not change, over all weights / over those updates;
+    * ``gate/cumulative/<kind>`` per module kind, and ``gate/nonfinite`` if weights became NaN/inf.
+
+    Syncs follow TRL's GRPO schedule: it generates (and, with vLLM, loads the current weights) at
+    every ``steps_per_generation * num_iterations``-th micro-batch, so the weights after optimizer
+    step ``s`` are shipped when such a micro-batch falls in ``[s * GA, (s + 1) * GA)``
+    (GA = ``gradient_accumulation_steps``). ``sync_every=N`` overrides this with every N steps.
 
     Keys added to ``logs`` inside ``on_log`` do not reach ``log_history`` (``Trainer.log`` appends a
     copy first), so the callback also writes them into the ``log_history`` entry of this log call.
 
     Args:
         tracker: a tracker to use; by default one is built from the trainer's model.
-        sync_every: optimizer steps between two weight syncs to the inference engine, after which
-            ``changed_since_sync`` restarts. Default: the GRPO generation interval
-            (``steps_per_generation * num_iterations / gradient_accumulation_steps``), else 1.
+        sync_every: optimizer steps between two weight syncs (default: TRL's GRPO schedule, or every
+            step for trainers without ``steps_per_generation``).
         jsonl_path, plot_path: write the tracker history / a PNG plot at the end of training.
     """
 
@@ -74,9 +83,11 @@ class PrecisionGateCallback(TrainerCallback):
         self.sync_every = sync_every
         self.jsonl_path = jsonl_path
         self.plot_path = plot_path
+        #: ``(optimizer step, elements shipped)`` for every sync so far.
+        self.syncs: list[tuple[int, int]] = []
+        self._args: TrainingArguments | None = None
         self._logged_records = 0
-        self._steps_since_sync = 0
-        self._last_sync_changed: int | None = None
+        self._logged_syncs = 0
 
     def on_train_begin(
         self,
@@ -93,18 +104,22 @@ class PrecisionGateCallback(TrainerCallback):
             if model is None:
                 raise RuntimeError("PrecisionGateCallback needs a tracker or the trainer's model")
             self.tracker = PrecisionGateTracker(model)
-        if self.sync_every is None:
-            self.sync_every = _generation_interval(args)
+        self._args = args
         self.tracker.attach(optimizer, start_step=state.global_step)  # global_step > 0 when resuming
         self._logged_records = len(self.tracker.history)
 
+    def is_sync_step(self, step: int) -> bool:
+        """Whether the weights after optimizer step ``step`` (1-based) are shipped to the inference engine."""
+        if self.sync_every is not None:
+            return step % self.sync_every == 0
+        return _grpo_syncs_after(step, self._args)
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._steps_since_sync += 1
-        if self.tracker is not None and self._steps_since_sync >= (self.sync_every or 1):
-            # Record the figure before the reset, so the log shows what this sync would ship.
-            self._last_sync_changed = self.tracker.changed_since_sync
-            self.tracker.mark_synced()
-            self._steps_since_sync = 0
+        if self.tracker is None or not self.tracker.history or not self.is_sync_step(state.global_step):
+            return
+        # The last record was read after this step: its changed_since_sync is what this sync ships.
+        self.syncs.append((state.global_step, self.tracker.history[-1]["changed_since_sync"]))
+        self.tracker.mark_synced()
 
     def on_log(
         self,
@@ -141,37 +156,42 @@ class PrecisionGateCallback(TrainerCallback):
         records = self.tracker.history[self._logged_records :]
         if not records:
             return {}
+        syncs = self.syncs[self._logged_syncs :]
         self._logged_records = len(self.tracker.history)
+        self._logged_syncs = len(self.syncs)
         total = self.tracker.total
         last = records[-1]
+        synced_at_last = bool(self.syncs) and self.syncs[-1][0] == last["step"]
         metrics = {
             "changed_fraction": sum(r["changed_fraction"] for r in records) / len(records),
             "cumulative_changed_fraction": last["cumulative_changed"] / total,
-            # At a sync, what it had to ship; between syncs, what has piled up so far.
-            "changed_since_sync_fraction": (
-                self._last_sync_changed if self._last_sync_changed is not None else last["changed_since_sync"]
-            )
-            / total,
+            "changed_since_sync_fraction": 0.0 if synced_at_last else last["changed_since_sync"] / total,
         }
-        self._last_sync_changed = None
+        if syncs:
+            metrics["synced_fraction"] = sum(shipped for _, shipped in syncs) / (len(syncs) * total)
         if all(r["swallowed"] is not None for r in records):
             metrics["swallowed_fraction"] = sum(r["swallowed"] for r in records) / (len(records) * total)
             intended = sum(r["intended"] for r in records)
             metrics["swallowed_of_intended"] = sum(r["swallowed"] for r in records) / intended if intended else 0.0
-        if last["nonfinite"]:
+        if any(r["nonfinite"] for r in records):
             metrics["nonfinite"] = float(sum(r["nonfinite"] for r in records))
         for kind, entry in last["by_kind"].items():
             metrics[f"cumulative/{kind}"] = entry["cumulative_changed"] / entry["total"]
         return {METRIC_PREFIX + key: float(value) for key, value in metrics.items()}
 
 
-def _generation_interval(args: TrainingArguments) -> int:
+def _grpo_syncs_after(step: int, args: TrainingArguments | None) -> bool:
+    """TRL's GRPOTrainer generates at micro-batches 0, G, 2G, ... (G = steps_per_generation *
+    num_iterations) and loads the weights of the optimizer step completed by then: step s is shipped
+    when a multiple of G lies in [s * GA, (s + 1) * GA)."""
     steps_per_generation = getattr(args, "steps_per_generation", None)
-    num_iterations = getattr(args, "num_iterations", 1) or 1
-    accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
     if not steps_per_generation:
-        return 1
-    return max(1, round(steps_per_generation * num_iterations / accumulation))
+        return True
+    generate_every = steps_per_generation * (getattr(args, "num_iterations", 1) or 1)
+    accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
+    first_micro_batch = step * accumulation
+    next_generation = -(-first_micro_batch // generate_every) * generate_every
+    return next_generation < first_micro_batch + accumulation
 
 
 class OptimizerClsAndKwargsMixin:

@@ -8,8 +8,8 @@ readable reference, the ground truth every fast path is tested against) or
 
 from __future__ import annotations
 
-import copy
 import math
+import struct
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -62,7 +62,7 @@ class GateStats:
 
 def _fp32(value: float) -> float:
     """``value`` rounded to the nearest fp32, as a Python float (so torch uses it exactly)."""
-    return torch.tensor(value, dtype=torch.float32).item()
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 class RLSGD(Optimizer):
@@ -112,7 +112,7 @@ class RLSGD(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 0.1,
+        lr: float | Tensor,
         *,
         momentum: float = 0.0,
         dampening: float = 0.0,
@@ -123,16 +123,6 @@ class RLSGD(Optimizer):
         foreach: bool | None = None,
     ) -> None:
         _validate_hyperparameters(lr, momentum, dampening, nesterov, weight_decay, rounding)
-        lr_value = float(lr)
-        if 0.0 < lr_value < _ADAMW_SCALE_LR:
-            warnings.warn(
-                f"RLSGD got lr={lr_value:g}, an AdamW-scale learning rate. Plain SGD has no per-parameter "
-                "normalisation: lr * grad is then far below half a bf16 ulp of almost every weight and the "
-                "bf16 model stays bit-identical. SGD in RL is reported to work at lr ~0.1 (no momentum, bf16 "
-                "weights); attach a PrecisionGateTracker to see how many updates the bf16 gate swallows.",
-                UserWarning,
-                stacklevel=2,
-            )
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -158,44 +148,68 @@ class RLSGD(Optimizer):
         self.__dict__.setdefault("gate_stats", {})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key in ("lr", "momentum", "dampening", "nesterov", "weight_decay", "rounding"):
-            if key in param_group:
-                merged = {**self.defaults, **param_group}
-                _validate_hyperparameters(
-                    merged["lr"],
-                    merged["momentum"],
-                    merged["dampening"],
-                    merged["nesterov"],
-                    merged["weight_decay"],
-                    merged["rounding"],
-                )
-                break
+        """As ``Optimizer.add_param_group``; also validates the group's hyperparameters, rejects a
+        parameter listed twice (it would be stepped twice), and warns about settings that the bf16
+        gate turns into surprises (an AdamW-scale lr, weight decay that rounds away or bites hard)."""
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_hyperparameters(
+                group["lr"],
+                group["momentum"],
+                group["dampening"],
+                group["nesterov"],
+                group["weight_decay"],
+                group["rounding"],
+            )
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                raise ValueError("RLSGD got a parameter group that lists the same parameter twice")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        _warn_about_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``, but momentum buffers are restored in the compute dtype
         (fp32 for bf16 params) instead of being cast to the param dtype, so state survives a round
-        trip exactly."""
-        state_dict = copy.copy(state_dict)
-        saved_state = state_dict.get("state", {})
-        buffers = {
-            index: entry["momentum_buffer"]
-            for index, entry in saved_state.items()
-            if isinstance(entry, dict) and isinstance(entry.get("momentum_buffer"), Tensor)
-        }
-        state_dict["state"] = {
-            index: {k: v for k, v in entry.items() if k != "momentum_buffer"} if index in buffers else entry
-            for index, entry in saved_state.items()
-        }
-        super().load_state_dict(state_dict)
-        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, param in zip(saved_ids, params, strict=True):
-            if index in buffers:
-                # The compute dtype (fp32 for bf16 params): lossless for buffers RLSGD saved, and an
-                # exact upcast for a bf16 buffer from elsewhere.
-                buffer = buffers[index].to(device=param.device, dtype=compute_dtype(param.dtype))
-                self.state[param]["momentum_buffer"] = buffer.clone(memory_format=torch.contiguous_format)
+        trip exactly. Runs the optimizer's load hooks as usual: user pre-hooks see the whole dict,
+        user post-hooks see the restored fp32 buffers."""
+        saved: dict[str, Any] = {}
+
+        def stash_buffers(optimizer: Optimizer, incoming: dict[str, Any]) -> None:
+            # Registered last, so it sees the dict after every user pre-hook.
+            saved["ids"] = [index for group in incoming["param_groups"] for index in group["params"]]
+            saved["buffers"] = {
+                index: entry["momentum_buffer"]
+                for index, entry in incoming.get("state", {}).items()
+                if isinstance(entry, dict) and isinstance(entry.get("momentum_buffer"), Tensor)
+            }
+            if any("rounding" not in group for group in incoming["param_groups"]):
+                warnings.warn(
+                    "Loading a state dict that RLSGD did not save (its param groups lack 'rounding'): "
+                    "RLSGD's weight_decay is decoupled (p *= 1 - lr*wd), not added to the gradient as in "
+                    "torch.optim.SGD; check the loaded weight_decay.",
+                    UserWarning,
+                    stacklevel=5,
+                )
+
+        def restore_buffers(optimizer: Optimizer) -> None:
+            # Registered first, so user post-hooks see the restored buffers.
+            params = [p for group in self.param_groups for p in group["params"]]
+            for index, param in zip(saved["ids"], params, strict=True):
+                if index in saved["buffers"]:
+                    # The compute dtype (fp32 for bf16 params): lossless for buffers RLSGD saved, and
+                    # an exact upcast for a bf16 buffer from elsewhere.
+                    buffer = saved["buffers"][index].to(device=param.device, dtype=compute_dtype(param.dtype))
+                    self.state[param]["momentum_buffer"] = buffer.clone(memory_format=torch.contiguous_format)
+
+        pre_hook = self.register_load_state_dict_pre_hook(stash_buffers)
+        post_hook = self.register_load_state_dict_post_hook(restore_buffers, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre_hook.remove()
+            post_hook.remove()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -270,6 +284,45 @@ def _validate_hyperparameters(
         raise ValueError(f"Unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
 
 
+#: Half a bf16 (fp16) ulp relative to the weight is at least 2**-9 (2**-12): a decoupled decay
+#: factor (1 - lr*wd) closer to 1 than that cannot move a weight under round-to-nearest.
+_DECAY_GATE = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
+
+
+def _warn_about_group(group: dict[str, Any]) -> None:
+    lr = float(group["lr"])
+    if 0.0 < lr < _ADAMW_SCALE_LR:
+        warnings.warn(
+            f"RLSGD got lr={lr:g}, an AdamW-scale learning rate. Plain SGD has no per-parameter "
+            "normalisation: lr * grad is then far below half a bf16 ulp of almost every weight and the "
+            "bf16 model stays bit-identical. SGD in RL is reported to work at lr ~0.1 (no momentum, bf16 "
+            "weights); attach a PrecisionGateTracker to see how many updates the bf16 gate swallows.",
+            UserWarning,
+            stacklevel=5,
+        )
+    decay = lr * group["weight_decay"]
+    low_precision = {p.dtype for p in group["params"]} & set(_DECAY_GATE)
+    if decay == 0 or not low_precision or group["rounding"] != "nearest":
+        return
+    gate = max(_DECAY_GATE[dtype] for dtype in low_precision)
+    if decay < gate:
+        warnings.warn(
+            f"RLSGD: lr * weight_decay = {decay:.3g} is below {gate:.3g}, so with rounding='nearest' the "
+            "decoupled weight decay never changes a bf16/fp16 weight (the factor 1 - lr*wd rounds back "
+            "to the same value). Use rounding='stochastic' to apply it in expectation, or weight_decay=0.",
+            UserWarning,
+            stacklevel=5,
+        )
+    else:
+        warnings.warn(
+            f"RLSGD: lr * weight_decay = {decay:.3g} shrinks every weight by {100 * decay:.2g}% per step, "
+            "gradient or not. AdamW's weight_decay is tuned for lr ~1e-6; at SGD-scale learning rates "
+            "scale it down accordingly.",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
 def rlsgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -299,7 +352,6 @@ def rlsgd(
         raise ValueError("params, grads and momentum_buffers must have the same length")
     if foreach is None:
         foreach = not torch.jit.is_scripting()
-    lr32 = _fp32(float(lr))
     # One 32-bit seed per step from torch's default generator (so torch.manual_seed reproduces a run);
     # each tensor's random bits derive from it and the element index, whatever path computes them.
     step_seed = int(torch.randint(0, 2**31, (1,)).item()) if rounding == "stochastic" else 0
@@ -308,7 +360,7 @@ def rlsgd(
         params,
         grads,
         momentum_buffers,
-        lr=lr32,
+        lr=float(lr),
         momentum=momentum,
         dampening=dampening,
         nesterov=nesterov,
@@ -320,8 +372,14 @@ def rlsgd(
     )
 
 
-def _decay_factor(lr: float, weight_decay: float) -> float:
-    return _fp32(1.0 - lr * weight_decay)
+def _step_scalars(work_dtype: torch.dtype, lr: float, weight_decay: float) -> tuple[float, float]:
+    """``(lr, decay)`` as the compute dtype holds them. In fp32, op by op as a kernel computes them:
+    ``lr32 = fp32(lr)``, ``decay = fp32(1 - fp32(lr32 * fp32(wd)))``. (The product of two fp32 values
+    is exact in a Python float, and so is ``1 - p`` for any p that does not round to 1 in fp32.)"""
+    if work_dtype != torch.float32:
+        return lr, 1.0 - lr * weight_decay
+    lr32 = _fp32(lr)
+    return lr32, _fp32(1.0 - _fp32(lr32 * _fp32(weight_decay)))
 
 
 def _round_to_param(
@@ -334,13 +392,6 @@ def _round_to_param(
         bits = random_bits16(stochastic_seed(step_seed, index), start, new32.numel(), new32.device)
         return stochastic_round(new32, dtype, bits)
     return round_nearest(new32, dtype)
-
-
-def _intended_mask(scaled_update: Tensor, param32: Tensor, decay: float) -> Tensor:
-    intended = scaled_update != 0
-    if decay != 1.0:
-        intended |= param32 != 0
-    return intended
 
 
 def _single_tensor_rlsgd(
@@ -357,20 +408,23 @@ def _single_tensor_rlsgd(
     rounding: str,
     step_seed: int,
     collect_gate_stats: bool,
+    tensor_indices: list[int] | None = None,
 ) -> list[GateStats] | None:
-    """The reference: one parameter at a time, the formula op by op."""
-    decay = _decay_factor(lr, weight_decay)
+    """The reference: one parameter at a time, the formula op by op. ``tensor_indices`` are the
+    tensors' positions in the step (they select the random stream of stochastic rounding)."""
     stats: list[GateStats] = []
-    for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+    for slot, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        index = slot if tensor_indices is None else tensor_indices[slot]
         work_dtype = compute_dtype(param.dtype)
+        step_lr, decay = _step_scalars(work_dtype, lr, weight_decay)
         direction = grad.to(work_dtype)
         if maximize:
             direction = -direction
         if momentum != 0:
-            buffer = momentum_buffers[index]
+            buffer = momentum_buffers[slot]
             if buffer is None:
                 buffer = direction.clone().detach()
-                momentum_buffers[index] = buffer
+                momentum_buffers[slot] = buffer
             else:
                 buffer.mul_(momentum)
                 buffer.add_(direction if dampening == 0 else direction * (1 - dampening))
@@ -378,13 +432,13 @@ def _single_tensor_rlsgd(
         param32 = param.to(work_dtype, copy=True)
         if decay != 1.0:
             param32 = param32 * decay
-        scaled_update = direction * lr
+        scaled_update = direction * step_lr
         new32 = param32 - scaled_update
         new_value = _round_to_param(new32.contiguous(), param.dtype, rounding, step_seed, index).view(param.shape)
         if collect_gate_stats:
             before = gate_view_bits(param.detach()).clone()
             param.copy_(new_value)
-            intended = _intended_mask(scaled_update, param32, decay)
+            intended = scaled_update != 0  # the gradient's intent; weight decay is not counted
             unchanged = before == gate_view_bits(param.detach())
             stats.append(GateStats(intended=intended.sum(), swallowed=(intended & unchanged).sum()))
         else:
@@ -443,21 +497,45 @@ def _multi_tensor_rlsgd(
 ) -> list[GateStats] | None:
     """The same formula with ``torch._foreach_*`` ops over buckets of flat segments, through two fp32
     scratch buffers per (device, dtype) group."""
-    decay = _decay_factor(lr, weight_decay)
     intended_counts: list[Tensor | int] = [0] * len(params)
     swallowed_counts: list[Tensor | int] = [0] * len(params)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, param in enumerate(params):
-        groups.setdefault((param.device, param.dtype), []).append(index)
+    strided: list[int] = []
+    for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        if param.is_contiguous() and grad.is_contiguous():
+            groups.setdefault((param.device, param.dtype), []).append(index)
+        else:
+            strided.append(index)
+    if strided:
+        # Non-contiguous params or grads take the reference path one tensor at a time (bit-equal by
+        # definition, and no flat copy of every such tensor held at once).
+        strided_buffers = [momentum_buffers[i] for i in strided]
+        strided_stats = _single_tensor_rlsgd(
+            [params[i] for i in strided],
+            [grads[i] for i in strided],
+            strided_buffers,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            rounding=rounding,
+            step_seed=step_seed,
+            collect_gate_stats=collect_gate_stats,
+            tensor_indices=strided,
+        )
+        for slot, i in enumerate(strided):
+            momentum_buffers[i] = strided_buffers[slot]
+            if strided_stats is not None:
+                intended_counts[i] = strided_stats[slot].intended
+                swallowed_counts[i] = strided_stats[slot].swallowed
 
     for (device, dtype), indices in groups.items():
         work_dtype = compute_dtype(dtype)
-        # Row-major flat views; a non-contiguous param is updated through a contiguous copy.
-        flat_params = {i: params[i].detach().reshape(-1) if params[i].is_contiguous() else None for i in indices}
-        for i in indices:
-            if flat_params[i] is None:
-                flat_params[i] = params[i].detach().contiguous().reshape(-1)
-        flat_grads = {i: grads[i].reshape(-1) for i in indices}
+        step_lr, decay = _step_scalars(work_dtype, lr, weight_decay)
+        flat_params = {i: params[i].detach().view(-1) for i in indices}
+        flat_grads = {i: grads[i].view(-1) for i in indices}
         flat_buffers: dict[int, Tensor] = {}
         first_step: set[int] = set()
         if momentum != 0:
@@ -484,13 +562,13 @@ def _multi_tensor_rlsgd(
                 torch._foreach_neg_(directions)
             if momentum != 0:
                 _momentum_update(bucket, directions, flat_buffers, first_step, momentum, dampening, nesterov)
-            torch._foreach_mul_(directions, lr)  # now the scaled update fp32(lr * d)
+            torch._foreach_mul_(directions, step_lr)  # now the scaled update fp32(lr * d)
             torch._foreach_copy_(params32, param_parts)
             if decay != 1.0:
                 torch._foreach_mul_(params32, decay)
             if collect_gate_stats:
                 befores = [gate_view_bits(part).clone() for part in param_parts]
-                intended = [_intended_mask(d, p, decay) for d, p in zip(directions, params32, strict=True)]
+                intended = [d != 0 for d in directions]
             torch._foreach_sub_(params32, directions)
             if rounding == "nearest" or work_dtype == dtype:
                 torch._foreach_copy_(param_parts, params32)  # copy_ from fp32 rounds to nearest even
@@ -502,9 +580,6 @@ def _multi_tensor_rlsgd(
                     unchanged = before == gate_view_bits(part)
                     intended_counts[seg.index] += mask.sum()
                     swallowed_counts[seg.index] += (mask & unchanged).sum()
-        for i in indices:
-            if not params[i].is_contiguous():
-                params[i].detach().copy_(flat_params[i].view(params[i].shape))
 
     if not collect_gate_stats:
         return None

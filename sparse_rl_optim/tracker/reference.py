@@ -67,9 +67,10 @@ class SparseReference:
             dense = after_bits.clone()
             dense[self._indices] = self._reference_values
             self._dense = dense
-            self._touched = self._touched[:0]
-            self._indices = self._indices[:0]
-            self._reference_values = self._reference_values[:0]
+            # Fresh empty tensors, not [:0] views, so the sparse storage is really freed.
+            self._touched = torch.empty(0, dtype=torch.uint8, device=self.device)
+            self._indices = torch.empty(0, dtype=torch.int64, device=self.device)
+            self._reference_values = torch.empty(0, dtype=after_bits.dtype, device=self.device)
 
     def count_differing(self, current_bits: Tensor) -> Tensor:
         """Number of elements whose current bits differ from the reference (0-dim int64 tensor)."""
@@ -86,6 +87,6 @@ class SparseReference:
         return mask
 
     def nbytes(self) -> int:
-        """Bytes held now."""
+        """Bytes of storage held now."""
         tensors = (self._touched, self._indices, self._reference_values, self._dense)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)

@@ -26,8 +26,15 @@ def unwrap_optimizer(optimizer: Optimizer) -> Optimizer:
     return optimizer
 
 
+def _checksum(bits: Tensor) -> Tensor:
+    """Sum and sum of squares of the bit patterns: changes whenever any element changes, short of
+    edits that exactly cancel in both (such as swapping two elements)."""
+    wide = bits.to(torch.int32)
+    return torch.stack([wide.sum(dtype=torch.int64), (wide * wide).sum(dtype=torch.int64)])
+
+
 class _TrackedParam:
-    __slots__ = ("before", "kind", "layer", "name", "param", "reference", "since_sync", "view_dtype")
+    __slots__ = ("before", "checksum", "kind", "layer", "name", "param", "reference", "since_sync", "view_dtype")
 
     def __init__(self, name: str, param: Tensor) -> None:
         self.name = name
@@ -38,6 +45,7 @@ class _TrackedParam:
         bits = self.bits()
         self.reference = SparseReference(bits)
         self.since_sync = SparseReference(bits)
+        self.checksum = _checksum(bits)  # of the bits after the last observed step
         self.before: Tensor | None = None
 
     def bits(self) -> Tensor:
@@ -54,14 +62,21 @@ class PrecisionGateTracker:
 
         {"step", "changed", "total", "changed_fraction", "per_param": {name: changed},
          "cumulative_changed", "changed_since_sync", "intended", "swallowed", "nonfinite",
+         "changed_outside_step": [names],
          "by_kind": {kind: {"changed", "cumulative_changed", "total"}},
          "by_layer": {layer: {...}}}
 
     ``cumulative_changed`` counts elements that differ from the reference weights (those at attach
     time, or ``reset_reference()``); ``changed_since_sync`` those that differ from the weights at the
     last ``mark_synced()``; both exact. ``intended``/``swallowed`` (only for optimizers that report
-    them, such as :class:`~sparse_rl_optim.RLSGD`): elements whose intended update was non-zero, and
+    them, such as :class:`~sparse_rl_optim.RLSGD`): elements whose gradient update was non-zero, and
     of those the ones the precision gate swallowed (the gate view did not change).
+
+    The counts are exact for changes made by ``optimizer.step()``. A tensor edited between steps
+    (``load_state_dict``, an EMA, a manual edit) is caught by a checksum, named in the next record's
+    ``changed_outside_step`` and warned about; call ``reset_reference()`` or ``mark_synced()`` after
+    such edits. Under DeepSpeed ZeRO the optimizer steps fp32 master partitions and copies them into
+    the model after the step hooks have run: there, track the optimizer's own params (untested here).
 
     Memory: while attached, 1/8 byte per element per reference (reference and sync), plus 10 bytes
     per element that changed since that reference, capped at a 2-byte dense copy per element; during
@@ -98,6 +113,7 @@ class PrecisionGateTracker:
         self._hook_handles: list[Any] = []
         self._step = 0
         self._peak_snapshot_bytes = 0
+        self._moved_outside_step = torch.zeros(0, dtype=torch.bool)
 
     # -- attaching -------------------------------------------------------------------------
     def attach(self, optimizer: Optimizer, *, start_step: int = 0) -> PrecisionGateTracker:
@@ -136,18 +152,25 @@ class PrecisionGateTracker:
             bits = tracked.bits()
             tracked.reference.reset(bits)
             tracked.since_sync.reset(bits)
+            tracked.checksum = _checksum(bits)
 
     def mark_synced(self) -> None:
         """The current weights were shipped (e.g. to the inference engine): restart ``changed_since_sync``."""
         for tracked in self._params:
-            tracked.since_sync.reset(tracked.bits())
+            bits = tracked.bits()
+            tracked.since_sync.reset(bits)
+            tracked.checksum = _checksum(bits)
 
     # -- the hooks -------------------------------------------------------------------------
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         snapshot_bytes = 0
+        moved: list[Tensor] = []
         for tracked in self._params:
             tracked.before = tracked.bits().clone()
             snapshot_bytes += tracked.before.numel() * tracked.before.element_size()
+            moved.append((_checksum(tracked.before) != tracked.checksum).any())
+        # Read in the post-hook together with the counts: one host sync per step.
+        self._moved_outside_step = torch.stack(moved).cpu()
         self._peak_snapshot_bytes = max(self._peak_snapshot_bytes, snapshot_bytes)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -164,6 +187,7 @@ class PrecisionGateTracker:
             changed = before != after
             tracked.reference.record(changed, before, after)
             tracked.since_sync.record(changed, before, after)
+            tracked.checksum = _checksum(after)
             after_values = after.view(tracked.view_dtype)
             became_nonfinite = (~torch.isfinite(after_values) & torch.isfinite(before.view(tracked.view_dtype))).sum()
             counts.append(
@@ -182,11 +206,24 @@ class PrecisionGateTracker:
                 swallowed.append(stats.swallowed.reshape(()).cpu())
         table = torch.stack(counts).tolist()  # one host sync per step, not one per tensor
         has_gate_stats = bool(getattr(optimizer, "gate_stats_enabled", False))
+        moved_outside = [
+            t.name for t, moved in zip(self._params, self._moved_outside_step.tolist(), strict=True) if moved
+        ]
         record = self._make_record(
             table,
             sum(int(x) for x in intended) if has_gate_stats else None,
             sum(int(x) for x in swallowed) if has_gate_stats else None,
         )
+        record["changed_outside_step"] = moved_outside
+        if moved_outside:
+            warnings.warn(
+                f"step {self._step}: {len(moved_outside)} tensors changed outside optimizer.step() since the "
+                f"previous step ({', '.join(moved_outside[:5])}{', ...' if len(moved_outside) > 5 else ''}); "
+                "their cumulative and since-sync counts miss those changes. Call reset_reference() or "
+                "mark_synced() after editing weights (load_state_dict, EMA, manual edits).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.history.append(record)
         if self.jsonl_path is not None:
             with open(self.jsonl_path, "a", encoding="utf-8") as handle:
