@@ -309,3 +309,20 @@ def test_changes_outside_the_step_are_detected_and_warned():
         warnings.simplefilter("error")
         optimizer.step()
     assert tracker.history[-1]["changed_outside_step"] == []
+
+
+@pytest.mark.parametrize("optimizer_name", ["AdamW8bit", "AdamW", "SGD"])
+def test_counts_equal_naive_diff_for_bitsandbytes_optimizers(optimizer_name):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(3)
+    model = TinyModel(16, layers=1).to(torch.bfloat16)
+    kwargs = {"lr": 0.05, "momentum": 0.9} if optimizer_name == "SGD" else {"lr": 1e-3}
+    optimizer = getattr(bnb.optim, optimizer_name)(model.parameters(), **kwargs)
+    tracker = PrecisionGateTracker(model).attach(optimizer)
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        before = {name: bits_of(p) for name, p in model.named_parameters()}
+        train_step(model, optimizer, generator)
+        per_param = {name: int((bits_of(p) != before[name]).sum()) for name, p in model.named_parameters()}
+        assert tracker.history[-1]["per_param"] == per_param
+    assert tracker.history[-1]["cumulative_changed"] > 0
