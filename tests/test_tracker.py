@@ -104,13 +104,15 @@ def test_counts_equal_naive_bitwise_diff(optimizer_name, dtype, width, lr_scale,
         assert all(r["swallowed"] is None for r in tracker.history)
 
 
-def test_swallowed_equals_naive_count():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swallowed_equals_naive_count(dtype):
+    """For fp32 params "swallowed" is judged on the bf16 view, what a bf16 inference engine loads."""
     torch.manual_seed(0)
-    param = nn.Parameter((0.05 * torch.randn(200, 50)).to(torch.bfloat16))
+    param = nn.Parameter((0.05 * torch.randn(200, 50)).to(dtype))
     optimizer = RLSGD([param], lr=0.1)
     tracker = PrecisionGateTracker([("w", param)]).attach(optimizer)
     for _ in range(3):
-        grad = (0.002 * torch.randn(200, 50)).to(torch.bfloat16)
+        grad = (0.002 * torch.randn(200, 50)).to(dtype)
         grad[:20] = 0
         param.grad = grad
         before = bits_of(param)
