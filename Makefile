@@ -20,16 +20,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# Entry-point scripts rather than `python -m`: `-m` puts the repository root first on sys.path, where
+# the source folder kernels/ would shadow the Hugging Face `kernels` package that bitsandbytes imports.
 demo: $(STAMP)
-	$(PY) -m sparse_rl_optim.demo $(ARGS)
+	$(VENV)/bin/sparse-rl-optim-demo $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py $(ARGS)

@@ -3,7 +3,7 @@
     python bench/bench_step.py [--params 20e6] [--device cpu|cuda] [--repeats 10]
 
 Builds bf16 tensors shaped like a Llama's (a few large matrices, some vectors), gives them bf16
-gradients and times ``optimizer.step()`` for each optimizer in one run (median of ``--repeats``
+gradients of RL scale (at lr 0.1 about 1% of the weights change per step) and times ``optimizer.step()`` for each optimizer in one run (median of ``--repeats``
 after warm-up), and measures the bytes each holds in state. The device's copy bandwidth is measured
 in the same run (``dst.copy_(src)`` of the same number of bytes as a 6-byte-per-parameter step).
 Writes ``bench/results/step_<device>.json`` and ``.png`` and prints a table.
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from sparse_rl_optim import RLSGD
+from sparse_rl_optim import RLSGD, PrecisionGateTracker
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GRAD_SCALE = 1e-5
 
 
 def model_shaped_tensors(total: int, device: str) -> list[torch.Tensor]:
@@ -38,7 +39,8 @@ def model_shaped_tensors(total: int, device: str) -> list[torch.Tensor]:
         for shape in per_layer:
             value = (0.02 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
             param = torch.nn.Parameter(value.to(device))
-            param.grad = (1e-3 * torch.randn(shape, generator=generator)).to(torch.bfloat16).to(device)
+            # RL-scale gradients: at lr 0.1 about 1% of the bf16 weights change per step (as in RL on LLMs).
+            param.grad = (GRAD_SCALE * torch.randn(shape, generator=generator)).to(torch.bfloat16).to(device)
             params.append(param)
     return params
 
@@ -58,7 +60,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_it(fn, device: str, repeats: int) -> float:
+def time_it(fn, device: str, repeats: int) -> tuple[float, float, float]:
+    """(median, min, max) seconds of ``fn()`` over ``repeats`` runs after two warm-up runs."""
     for _ in range(2):
         fn()
     synchronize(device)
@@ -68,7 +71,7 @@ def time_it(fn, device: str, repeats: int) -> float:
         fn()
         synchronize(device)
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples), max(samples)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -84,14 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=20e6)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
     params = model_shaped_tensors(int(args.params), args.device)
     numel = sum(p.numel() for p in params)
     source = torch.empty(numel * 3, dtype=torch.int16, device=args.device)  # 6 bytes per parameter
     target = torch.empty_like(source)
-    copy_seconds = time_it(lambda: target.copy_(source), args.device, args.repeats)
+    copy_seconds = time_it(lambda: target.copy_(source), args.device, args.repeats)[0]
     copy_bandwidth = 2 * source.numel() * source.element_size() / copy_seconds  # read + write
 
     candidates = {
@@ -105,16 +108,27 @@ def main() -> None:
         candidates["torch SGD (fused)"] = lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True)
         candidates["torch AdamW (fused)"] = lambda ps: torch.optim.AdamW(ps, lr=1e-6, fused=True)
 
+    candidates["RLSGD + PrecisionGateTracker"] = lambda ps: RLSGD(ps, lr=0.1)
+
     rows = []
     for name, build in candidates.items():
         optimizer = build(params)
-        seconds = time_it(optimizer.step, args.device, args.repeats)
+        tracker = None
+        if "Tracker" in name:
+            tracker = PrecisionGateTracker([(f"p{i}", p) for i, p in enumerate(params)]).attach(optimizer)
+        seconds, fastest, slowest = time_it(optimizer.step, args.device, args.repeats)
+        changed = tracker.summary()["mean_changed_fraction"] if tracker is not None else None
+        if tracker is not None:
+            tracker.detach()
         rows.append(
             {
                 "optimizer": name,
                 "step_ms": 1e3 * seconds,
+                "step_ms_min": 1e3 * fastest,
+                "step_ms_max": 1e3 * slowest,
                 "state_bytes_per_param": state_bytes(optimizer) / numel,
                 "effective_bandwidth_fraction_at_6_bytes": 6 * numel / seconds / copy_bandwidth,
+                "tracked_changed_fraction_per_step": changed,
             }
         )
         del optimizer
@@ -139,11 +153,12 @@ def main() -> None:
         f"{numel / 1e6:.1f}M bf16 params in {len(params)} tensors on {machine} ({args.device}), torch {torch.__version__}"
     )
     print(f"copy bandwidth {copy_bandwidth / 1e9:.1f} GB/s (read + write)")
-    print(f"{'optimizer':<24} {'step ms':>9} {'state B/param':>14} {'x SGD time':>11}")
+    print(f"{'optimizer':<30} {'step ms (min-max)':>22} {'state B/param':>14} {'x SGD time':>11}")
     baseline = next(row["step_ms"] for row in rows if row["optimizer"] == "torch SGD (foreach)")
     for row in rows:
         print(
-            f"{row['optimizer']:<24} {row['step_ms']:>9.2f} {row['state_bytes_per_param']:>14.2f} "
+            f"{row['optimizer']:<30} {row['step_ms']:>8.2f} ({row['step_ms_min']:>5.1f}-{row['step_ms_max']:>5.1f}) "
+            f"{row['state_bytes_per_param']:>14.2f} "
             f"{row['step_ms'] / baseline:>11.2f}"
         )
     plot_path = RESULTS / f"step_{args.device}.png"

@@ -481,7 +481,7 @@ def test_gate_stats_count_intended_and_swallowed():
 def test_weight_decay_below_the_gate_warns_and_changes_nothing():
     data = (0.05 * torch.randn(1000, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
     param = make_param(data, torch.zeros(1000, dtype=torch.bfloat16))
-    with pytest.warns(UserWarning, match="never changes a bf16/fp16 weight"):
+    with pytest.warns(UserWarning, match="too small to move a bf16 weight"):
         optimizer = RLSGD([param], lr=0.1, weight_decay=0.01)  # lr*wd = 1e-3 < 2**-9
     optimizer.step()
     assert torch.equal(param.detach(), data)
@@ -532,3 +532,29 @@ def test_load_hooks_see_the_whole_dict_and_the_restored_buffers():
     fresh.load_state_dict(state)
     assert seen == {"pre": torch.float32, "post": torch.float32}
     assert torch.equal(fresh.state[param]["momentum_buffer"], optimizer.state[param]["momentum_buffer"])
+
+
+def test_weight_decay_warnings_name_each_dtype_and_point_at_the_caller():
+    mixed = [
+        torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16)),
+        torch.nn.Parameter(torch.ones(2, dtype=torch.float16)),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RLSGD(mixed, lr=0.1, weight_decay=0.01)  # lr*wd = 1e-3: below bf16's gate, above fp16's
+    messages = [str(w.message) for w in caught]
+    assert any("too small to move a bf16 weight" in m for m in messages)
+    assert any("shrinks every weight" in m for m in messages)
+    assert all(w.filename == __file__ for w in caught)
+    optimizer = RLSGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with pytest.warns(UserWarning, match="AdamW-scale") as caught:
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": 1e-6})
+    assert caught[0].filename == __file__
+
+
+def test_a_rejected_param_group_is_not_kept():
+    optimizer = RLSGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    for bad in ({"lr": None}, {"momentum": -1.0}, {"lr": 1e39}):
+        with pytest.raises((TypeError, ValueError)):
+            optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], **bad})
+    assert len(optimizer.param_groups) == 1

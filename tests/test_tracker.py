@@ -14,7 +14,7 @@ from torch import nn
 
 from sparse_rl_optim import RLSGD, PrecisionGateTracker
 from sparse_rl_optim.tracker import module_kind, unwrap_optimizer
-from sparse_rl_optim.tracker.reference import SparseReference, pack_bits, unpack_bits
+from sparse_rl_optim.tracker.reference import SparseReference
 
 
 class TinyBlock(nn.Module):
@@ -90,6 +90,7 @@ def test_counts_equal_naive_bitwise_diff(optimizer_name, dtype, width, lr_scale,
         record = tracker.history[-1]
         per_param = {name: int((bits_of(p) != before[name]).sum()) for name, p in named}
         assert record["per_param"] == per_param
+        assert record["changed_outside_step"] == []  # the running checksum stays exact
         assert record["changed"] == sum(per_param.values())
         assert record["total"] == sum(p.numel() for _, p in named)
         assert record["cumulative_changed"] == sum(int((bits_of(p) != reference[n]).sum()) for n, p in named)
@@ -159,7 +160,8 @@ def test_sparse_reference_switches_to_dense_and_stays_exact():
         before = current.clone()
         flip = torch.rand(1000, generator=generator) < 0.1
         current = torch.where(flip, current ^ 1, current)
-        store.record(before != current, before, current)
+        changed_indices = (before != current).nonzero().squeeze(1)
+        store.record(changed_indices, before[changed_indices], current)
         assert int(store.count_differing(current)) == int((current != reference_bits).sum())
         assert torch.equal(store.differing_mask(current), current != reference_bits)
         if step == 0:
@@ -169,14 +171,6 @@ def test_sparse_reference_switches_to_dense_and_stays_exact():
         t.untyped_storage().nbytes() for t in (store._touched, store._indices, store._reference_values, store._dense)
     )
     assert store.nbytes() == held == 1000 * 2  # the sparse storage was freed, not kept behind a view
-
-
-@given(length=st.integers(0, 100), seed=st.integers(0, 2**31 - 1))
-def test_pack_bits_matches_numpy(length, seed):
-    mask = torch.rand(length, generator=torch.Generator().manual_seed(seed)) < 0.3
-    packed = pack_bits(mask)
-    np.testing.assert_array_equal(packed.numpy(), np.packbits(mask.numpy(), bitorder="little"))
-    assert torch.equal(unpack_bits(packed, length), mask)
 
 
 def test_groups_summary_exports_and_memory(tmp_path):
@@ -303,14 +297,43 @@ def test_changes_outside_the_step_are_detected_and_warned():
     assert tracker.history[-1]["changed_outside_step"] == []
     with torch.no_grad():
         param[10:20] = 3.0  # e.g. an EMA or a load_state_dict between steps
-    with pytest.warns(RuntimeWarning, match="changed outside optimizer.step"):
+    with pytest.warns(RuntimeWarning, match="changed outside optimizer.step") as caught:
         optimizer.step()
+    assert caught[0].filename == __file__  # attributed to the caller's optimizer.step() line
     assert tracker.history[-1]["changed_outside_step"] == ["w"]
     tracker.reset_reference()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.step()
     assert tracker.history[-1]["changed_outside_step"] == []
+    # mark_synced() does not hide an edit: it is still reported at the next step
+    with torch.no_grad():
+        param[30] = -1.0
+    tracker.mark_synced()
+    with pytest.warns(RuntimeWarning, match="changed outside optimizer.step"):
+        optimizer.step()
+    assert tracker.history[-1]["changed_outside_step"] == ["w"]
+
+
+def test_outside_edit_detection_can_be_turned_off():
+    param = nn.Parameter(torch.ones(100, dtype=torch.bfloat16))
+    optimizer = RLSGD([param], lr=0.5)
+    tracker = PrecisionGateTracker([("w", param)], detect_outside_edits=False).attach(optimizer)
+    param.grad = torch.ones(100, dtype=torch.bfloat16)
+    with torch.no_grad():
+        param[:5] = 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+    assert tracker.history[-1]["changed_outside_step"] == []
+
+
+def test_checksum_is_chunked_and_equal_to_a_plain_sum(monkeypatch):
+    from sparse_rl_optim.tracker import tracker as tracker_module
+
+    bits = torch.randint(-(2**15), 2**15, (10_007,), dtype=torch.int32).to(torch.int16)
+    monkeypatch.setattr(tracker_module, "_CHECKSUM_CHUNK", 1000)
+    assert int(tracker_module._checksum(bits)) == int(bits.numpy().astype(np.int64).sum())
 
 
 @pytest.mark.parametrize("optimizer_name", ["AdamW8bit", "AdamW", "SGD"])

@@ -97,11 +97,14 @@ def param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
 
 
 def assert_log_matches_history(
-    entries: list[dict[str, Any]], history: list[dict[str, Any]], sync_steps: set[int]
+    entries: list[dict[str, Any]], history: list[dict[str, Any]], syncs: list[tuple[int, int]]
 ) -> None:
-    """With logging_steps=1 each logged entry is exactly one tracker record. At a sync step the
-    record's changed_since_sync (read after the step) is what the sync shipped, and nothing is pending."""
+    """With logging_steps=1 each logged entry is exactly one tracker record. GRPO generates while it
+    accumulates step s, loading the weights after step s - 1: that sync shows in step s's entry and
+    shipped what differed after step s - 1 (that record's changed_since_sync)."""
     assert [entry["step"] for entry in entries] == [record["step"] for record in history]
+    shipped_by_step = dict(syncs)
+    records = {record["step"]: record for record in history}
     for entry, record in zip(entries, history, strict=True):
         total = record["total"]
         gate = {key: value for key, value in entry.items() if key.startswith("gate/")}
@@ -121,14 +124,15 @@ def assert_log_matches_history(
         assert gate["gate/cumulative_changed_fraction"] == pytest.approx(
             record["cumulative_changed"] / total, rel=1e-12
         )
-        if record["step"] in sync_steps:
-            assert gate["gate/synced_fraction"] == pytest.approx(record["changed_since_sync"] / total, rel=1e-12)
-            assert gate["gate/changed_since_sync_fraction"] == 0.0
+        assert gate["gate/changed_since_sync_fraction"] == pytest.approx(
+            record["changed_since_sync"] / total, rel=1e-12
+        )
+        previous = record["step"] - 1
+        if previous in shipped_by_step:
+            assert shipped_by_step[previous] == records[previous]["changed_since_sync"]
+            assert gate["gate/synced_fraction"] == pytest.approx(shipped_by_step[previous] / total, rel=1e-12)
         else:
             assert "gate/synced_fraction" not in gate
-            assert gate["gate/changed_since_sync_fraction"] == pytest.approx(
-                record["changed_since_sync"] / total, rel=1e-12
-            )
         assert gate["gate/swallowed_fraction"] == pytest.approx(record["swallowed"] / total, rel=1e-12)
         for kind, counts in record["by_kind"].items():
             expected = counts["cumulative_changed"] / counts["total"]
@@ -153,8 +157,9 @@ def test_gate_callback_logs_metrics_that_match_tracker_and_weights(tmp_path, tok
     assert unwrap_optimizer(trainer.optimizer) is optimizer
     tracker = callback.tracker
     assert tracker is not None
-    assert [s for s in range(1, 4) if callback.is_sync_step(s)] == [1, 2, 3]  # GRPO defaults: a sync a step
-    assert [step for step, _ in callback.syncs] == [1, 2, 3]
+    # GRPO defaults generate at every step: the weights after steps 1 and 2 were loaded (those after
+    # the last step never are).
+    assert [step for step, _ in callback.syncs] == [1, 2]
     history = tracker.history
     assert [record["step"] for record in history] == [1, 2, 3]
     assert tracker.total == sum(p.numel() for p in model.parameters())
@@ -162,7 +167,7 @@ def test_gate_callback_logs_metrics_that_match_tracker_and_weights(tmp_path, tok
 
     entries = gate_entries(trainer.state.log_history)
     assert len(entries) == 3
-    assert_log_matches_history(entries, history, {1, 2, 3})
+    assert_log_matches_history(entries, history, callback.syncs)
 
     # The bf16 weights really moved, and the tracker's counts are the real bitwise diff.
     assert any(record["changed"] > 0 for record in history)
@@ -192,10 +197,10 @@ def test_gate_callback_syncs_at_grpo_generation_interval(tmp_path, tokenizer, da
         callbacks=[callback],
     )
     trainer.train()
-    assert [step for step, _ in callback.syncs] == [2, 4]
+    assert [step for step, _ in callback.syncs] == [2]  # generations while accumulating steps 1 and 3
     history = callback.tracker.history
     assert [record["step"] for record in history] == [1, 2, 3, 4]
-    assert_log_matches_history(gate_entries(trainer.state.log_history), history, {2, 4})
+    assert_log_matches_history(gate_entries(trainer.state.log_history), history, callback.syncs)
     # First step after a sync: since-sync is this step's change; second: the union of two steps'.
     for first, second in (history[0], history[1]), (history[2], history[3]):
         assert first["changed_since_sync"] == first["changed"]
@@ -204,19 +209,15 @@ def test_gate_callback_syncs_at_grpo_generation_interval(tmp_path, tokenizer, da
     assert history[0]["changed_since_sync"] == history[0]["cumulative_changed"]
 
 
-@pytest.mark.parametrize(("accumulation", "steps_per_generation"), [(2, 5), (2, 1), (1, 3)])
-def test_sync_schedule_matches_when_grpo_generates(tmp_path, tokenizer, dataset, accumulation, steps_per_generation):
-    """The weights a vLLM sync would load are those of the optimizer step completed when TRL generates:
-    record global_step at every real generation and compare with the callback's schedule."""
+def train_recording_generations(
+    output_dir: Path, tokenizer: Any, dataset: Dataset, config: GRPOConfig, resume: Path | None = None
+) -> tuple[list[int], PrecisionGateCallback]:
+    """Train and return the optimizer steps whose weights TRL's generations used (global_step at each
+    training generation: with vLLM those are the weight loads), and the callback. The first generation
+    of a train() call loads the weights the tracker is attached with (the initial full load), which is
+    the tracker's sync reference, not a delta: it is left out."""
     model = make_model(tokenizer)
     callback = PrecisionGateCallback()
-    config = make_config(
-        tmp_path,
-        max_steps=6,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=accumulation,
-        steps_per_generation=steps_per_generation,
-    )
     trainer = GRPOTrainer(
         **grpo_kwargs(tokenizer, dataset, model, config),
         optimizers=(RLSGD(model.parameters(), lr=LR), None),
@@ -226,14 +227,51 @@ def test_sync_schedule_matches_when_grpo_generates(tmp_path, tokenizer, dataset,
     generate = trainer._generate_and_score_completions
 
     def recording_generate(*args: Any, **kwargs: Any) -> Any:
-        generated_at.append(trainer.state.global_step)
+        if trainer.model.training:
+            generated_at.append(trainer.state.global_step)
         return generate(*args, **kwargs)
 
     trainer._generate_and_score_completions = recording_generate
-    trainer.train()
-    loaded = sorted({step for step in generated_at if step > 0})
-    assert loaded, "no generation after the first optimizer step: the test would prove nothing"
-    assert [step for step, _ in callback.syncs if step < 6] == loaded
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    return sorted({step for step in generated_at if step > generated_at[0]}), callback
+
+
+@pytest.mark.parametrize(
+    ("overrides", "prompts"),
+    [
+        (dict(gradient_accumulation_steps=2, steps_per_generation=5), None),
+        (dict(gradient_accumulation_steps=2, steps_per_generation=1), None),
+        (dict(gradient_accumulation_steps=1, steps_per_generation=3, max_steps=8), None),
+        (dict(num_iterations=2), None),
+        # 15 prompts: an odd number of micro-batches per epoch, so each epoch ends on a short accumulation
+        (dict(gradient_accumulation_steps=2, steps_per_generation=5, num_train_epochs=3, max_steps=14), 15),
+    ],
+    ids=["ga2-spg5", "ga2-spg1", "ga1-spg3", "iterations2", "epochs-with-remainder"],
+)
+def test_sync_schedule_matches_when_grpo_generates(tmp_path, tokenizer, dataset, overrides, prompts):
+    data = Dataset.from_list(make_prompts(prompts, max_operand=9, seed=1)) if prompts else dataset
+    settings = {"max_steps": 6, "per_device_train_batch_size": 4, **overrides}
+    loaded, callback = train_recording_generations(tmp_path, tokenizer, data, make_config(tmp_path, **settings))
+    assert len(loaded) >= 2, "too few generations after the first step: the test would prove little"
+    assert [step for step, _ in callback.syncs] == loaded
+
+
+def test_sync_schedule_after_resume_from_an_odd_step(tmp_path, tokenizer, dataset):
+    """TRL's micro-batch counter restarts with train(), so after resuming from step 3 with
+    num_iterations=2 generations fall at other steps than in an uninterrupted run."""
+    settings = dict(per_device_train_batch_size=4, num_iterations=2)
+    first = make_config(tmp_path / "first", max_steps=3, save_strategy="steps", save_steps=3, **settings)
+    train_recording_generations(tmp_path / "first", tokenizer, dataset, first)
+    resumed_config = make_config(tmp_path / "resumed", max_steps=6, **settings)
+    loaded, callback = train_recording_generations(
+        tmp_path / "resumed", tokenizer, dataset, resumed_config, resume=tmp_path / "first" / "checkpoint-3"
+    )
+    uninterrupted, _ = train_recording_generations(
+        tmp_path / "straight", tokenizer, dataset, make_config(tmp_path / "straight", max_steps=6, **settings)
+    )
+    assert loaded != uninterrupted  # the case the schedule must follow
+    assert [step for step, _ in callback.syncs] == loaded
+    assert [record["step"] for record in callback.tracker.history] == [4, 5, 6]
 
 
 def test_gate_callback_averages_over_logging_interval(tmp_path, tokenizer, dataset):
@@ -256,11 +294,13 @@ def test_gate_callback_averages_over_logging_interval(tmp_path, tokenizer, datas
         assert entry["gate/swallowed_fraction"] == pytest.approx(swallowed, rel=1e-12)
         last = records[-1]
         assert entry["gate/cumulative_changed_fraction"] == pytest.approx(last["cumulative_changed"] / total)
-        # a sync every step (GRPO defaults): the interval's two syncs shipped each step's change
-        assert entry["gate/synced_fraction"] == pytest.approx(
-            sum(r["changed_since_sync"] for r in records) / (2 * total), rel=1e-12
-        )
-        assert entry["gate/changed_since_sync_fraction"] == 0.0
+        assert entry["gate/changed_since_sync_fraction"] == pytest.approx(last["changed_since_sync"] / total)
+    # GRPO defaults generate at every step, loading the previous step's weights: the syncs of steps 1
+    # (during step 2) and 2, 3 (during steps 3, 4) fall into the two logging intervals.
+    assert [step for step, _ in callback.syncs] == [1, 2, 3]
+    shipped = [history[i]["changed_since_sync"] for i in range(3)]
+    assert entries[0]["gate/synced_fraction"] == pytest.approx(shipped[0] / total, rel=1e-12)
+    assert entries[1]["gate/synced_fraction"] == pytest.approx((shipped[1] + shipped[2]) / (2 * total), rel=1e-12)
 
 
 # -- 2. optimizer class + kwargs -------------------------------------------------------------------
@@ -292,7 +332,7 @@ def test_optimizer_cls_grpo_trainer_builds_rlsgd_and_logs_gate_metrics(tmp_path,
     entries = gate_entries(trainer.state.log_history)
     assert len(entries) == 2
     # swallowed_fraction is only there because the callback found RLSGD's gate statistics.
-    assert_log_matches_history(entries, history, {1, 2})
+    assert_log_matches_history(entries, history, callback.syncs)
 
 
 def test_with_optimizer_cls_and_kwargs_wraps_any_trainer_class():

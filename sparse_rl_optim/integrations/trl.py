@@ -47,25 +47,26 @@ class PrecisionGateCallback(TrainerCallback):
 
     * ``gate/changed_fraction``: mean per step of the fraction of weights whose bits changed;
     * ``gate/cumulative_changed_fraction``: weights that differ from those at the start of training;
-    * ``gate/changed_since_sync_fraction``: weights that differ from the last sync to the inference
-      engine, i.e. what the next sync must ship (0 right after a sync);
+    * ``gate/changed_since_sync_fraction``: weights that differ from the last weights synced to the
+      inference engine, i.e. what the next sync must ship;
     * ``gate/synced_fraction``: mean of what each sync in the interval shipped (only when one happened);
     * ``gate/swallowed_fraction``, ``gate/swallowed_of_intended`` (RLSGD only): weights whose gradient
       update was non-zero but whose bf16 value did not change, over all weights / over those updates;
     * ``gate/cumulative/<kind>`` per module kind, and ``gate/nonfinite`` if weights became NaN/inf.
 
-    Syncs follow TRL's GRPO schedule: it generates (and, with vLLM, loads the current weights) at
-    every ``steps_per_generation * num_iterations``-th micro-batch, so the weights after optimizer
-    step ``s`` are shipped when such a micro-batch falls in ``[s * GA, (s + 1) * GA)``
-    (GA = ``gradient_accumulation_steps``). ``sync_every=N`` overrides this with every N steps.
+    Syncs mirror TRL's GRPOTrainer: it generates at every ``steps_per_generation * num_iterations``-th
+    training micro-batch, counted from the start of ``train()`` (also after a resume), and a generation
+    loads the weights of the optimizer steps completed by then if they changed since the last load.
+    The callback counts micro-batches the same way (``on_substep_end``; gradient accumulation and
+    short last accumulations of an epoch included). With vLLM, evaluation also loads the current
+    weights (``on_evaluate``). For other trainers, ``sync_every=N`` marks a sync after every N steps.
 
     Keys added to ``logs`` inside ``on_log`` do not reach ``log_history`` (``Trainer.log`` appends a
     copy first), so the callback also writes them into the ``log_history`` entry of this log call.
 
     Args:
         tracker: a tracker to use; by default one is built from the trainer's model.
-        sync_every: optimizer steps between two weight syncs (default: TRL's GRPO schedule, or every
-            step for trainers without ``steps_per_generation``).
+        sync_every: optimizer steps between two weight syncs, instead of GRPO's schedule.
         jsonl_path, plot_path: write the tracker history / a PNG plot at the end of training.
     """
 
@@ -83,9 +84,11 @@ class PrecisionGateCallback(TrainerCallback):
         self.sync_every = sync_every
         self.jsonl_path = jsonl_path
         self.plot_path = plot_path
-        #: ``(optimizer step, elements shipped)`` for every sync so far.
+        #: ``(optimizer step whose weights were shipped, elements that differed from the previous sync)``.
         self.syncs: list[tuple[int, int]] = []
-        self._args: TrainingArguments | None = None
+        self._generate_every: int | None = None
+        self._micro_batches = 0  # training micro-batches started since train() began
+        self._accumulation_start = 0
         self._logged_records = 0
         self._logged_syncs = 0
 
@@ -104,21 +107,45 @@ class PrecisionGateCallback(TrainerCallback):
             if model is None:
                 raise RuntimeError("PrecisionGateCallback needs a tracker or the trainer's model")
             self.tracker = PrecisionGateTracker(model)
-        self._args = args
+        steps_per_generation = getattr(args, "steps_per_generation", None)
+        if self.sync_every is None and steps_per_generation:
+            self._generate_every = steps_per_generation * (getattr(args, "num_iterations", 1) or 1)
+        self._micro_batches = self._accumulation_start = 0  # TRL's counter restarts with train() too
+        self._last_synced_step = state.global_step  # the weights at attach are the engine's
         self.tracker.attach(optimizer, start_step=state.global_step)  # global_step > 0 when resuming
         self._logged_records = len(self.tracker.history)
 
-    def is_sync_step(self, step: int) -> bool:
-        """Whether the weights after optimizer step ``step`` (1-based) are shipped to the inference engine."""
-        if self.sync_every is not None:
-            return step % self.sync_every == 0
-        return _grpo_syncs_after(step, self._args)
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._micro_batches += 1
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # The accumulation that just finished covered micro-batches [start, end); a generation in it
+        # loaded the weights as they are now, after step global_step, before this optimizer step.
+        end = self._micro_batches + 1
+        start, self._accumulation_start = self._accumulation_start, end
+        self._micro_batches = end
+        if self._generate_every is not None:
+            next_generation = -(-start // self._generate_every) * self._generate_every
+            if next_generation < end:
+                self._record_sync(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.tracker is None or not self.tracker.history or not self.is_sync_step(state.global_step):
-            return
-        # The last record was read after this step: its changed_since_sync is what this sync ships.
-        self.syncs.append((state.global_step, self.tracker.history[-1]["changed_since_sync"]))
+        if self.sync_every is not None and state.global_step % self.sync_every == 0:
+            self._record_sync(state.global_step)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if getattr(args, "use_vllm", False):  # TRL's vLLM generation loads the weights for evaluation too
+            self._record_sync(state.global_step)
+
+    def _record_sync(self, step: int) -> None:
+        if self.tracker is None or step == self._last_synced_step:
+            return  # TRL loads weights only when the step changed since the last load
+        self.syncs.append((step, self.tracker.changed_since_sync))
+        self._last_synced_step = step
         self.tracker.mark_synced()
 
     def on_log(
@@ -161,11 +188,11 @@ class PrecisionGateCallback(TrainerCallback):
         self._logged_syncs = len(self.syncs)
         total = self.tracker.total
         last = records[-1]
-        synced_at_last = bool(self.syncs) and self.syncs[-1][0] == last["step"]
+        synced_since_last_step = bool(self.syncs) and self.syncs[-1][0] == last["step"]
         metrics = {
             "changed_fraction": sum(r["changed_fraction"] for r in records) / len(records),
             "cumulative_changed_fraction": last["cumulative_changed"] / total,
-            "changed_since_sync_fraction": 0.0 if synced_at_last else last["changed_since_sync"] / total,
+            "changed_since_sync_fraction": 0.0 if synced_since_last_step else last["changed_since_sync"] / total,
         }
         if syncs:
             metrics["synced_fraction"] = sum(shipped for _, shipped in syncs) / (len(syncs) * total)
@@ -178,20 +205,6 @@ class PrecisionGateCallback(TrainerCallback):
         for kind, entry in last["by_kind"].items():
             metrics[f"cumulative/{kind}"] = entry["cumulative_changed"] / entry["total"]
         return {METRIC_PREFIX + key: float(value) for key, value in metrics.items()}
-
-
-def _grpo_syncs_after(step: int, args: TrainingArguments | None) -> bool:
-    """TRL's GRPOTrainer generates at micro-batches 0, G, 2G, ... (G = steps_per_generation *
-    num_iterations) and loads the weights of the optimizer step completed by then: step s is shipped
-    when a multiple of G lies in [s * GA, (s + 1) * GA)."""
-    steps_per_generation = getattr(args, "steps_per_generation", None)
-    if not steps_per_generation:
-        return True
-    generate_every = steps_per_generation * (getattr(args, "num_iterations", 1) or 1)
-    accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
-    first_micro_batch = step * accumulation
-    next_generation = -(-first_micro_batch // generate_every) * generate_every
-    return next_generation < first_micro_batch + accumulation
 
 
 class OptimizerClsAndKwargsMixin:

@@ -8,9 +8,7 @@ readable reference, the ground truth every fast path is tested against) or
 
 from __future__ import annotations
 
-import math
 import struct
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sparse_rl_optim._warnings import warn
 from sparse_rl_optim.bf16 import (
     compute_dtype,
     gate_view_bits,
@@ -35,6 +34,7 @@ ROUNDING_MODES = ("nearest", "stochastic")
 #: Below this lr RLSGD warns: an AdamW-scale lr (~1e-6) times an RL gradient is far below half a
 #: bf16 ulp of almost every weight, so SGD would leave the bf16 model bit-identical.
 _ADAMW_SCALE_LR = 1e-3
+_FP32_MAX = 3.4028234663852886e38
 
 _DEFAULTS: dict[str, Any] = {
     "momentum": 0.0,
@@ -51,9 +51,9 @@ _DEFAULTS: dict[str, Any] = {
 class GateStats:
     """Per-parameter counts from one step (0-dim int64 tensors, so reading them is the only sync).
 
-    ``intended``: elements whose intended update was non-zero (``fp32(lr*d) != 0``, or weight decay
-    acting on a non-zero weight). ``swallowed``: of those, elements whose gate view (the stored
-    bf16/fp16 bits, or the bf16 rounding of an fp32 weight) did not change.
+    ``intended``: elements whose gradient update was non-zero (``fp32(lr*d) != 0``; weight decay is
+    not counted). ``swallowed``: of those, elements whose gate view (the stored bf16/fp16 bits, or the
+    bf16 rounding of an fp32 weight) did not change.
     """
 
     intended: Tensor
@@ -164,7 +164,7 @@ class RLSGD(Optimizer):
             )
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 raise ValueError("RLSGD got a parameter group that lists the same parameter twice")
-        except ValueError:
+        except Exception:
             self.param_groups.pop()
             raise
         _warn_about_group(group)
@@ -185,12 +185,10 @@ class RLSGD(Optimizer):
                 if isinstance(entry, dict) and isinstance(entry.get("momentum_buffer"), Tensor)
             }
             if any("rounding" not in group for group in incoming["param_groups"]):
-                warnings.warn(
+                warn(
                     "Loading a state dict that RLSGD did not save (its param groups lack 'rounding'): "
                     "RLSGD's weight_decay is decoupled (p *= 1 - lr*wd), not added to the gradient as in "
-                    "torch.optim.SGD; check the loaded weight_decay.",
-                    UserWarning,
-                    stacklevel=5,
+                    "torch.optim.SGD; check the loaded weight_decay."
                 )
 
         def restore_buffers(optimizer: Optimizer) -> None:
@@ -270,8 +268,8 @@ def _validate_hyperparameters(
 ) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be a 1-element tensor, got shape {tuple(lr.shape)}")
-    if not math.isfinite(float(lr)) or float(lr) < 0.0:
-        raise ValueError(f"Invalid learning rate: {float(lr)} (must be finite and >= 0)")
+    if not 0.0 <= float(lr) <= _FP32_MAX:
+        raise ValueError(f"Invalid learning rate: {float(lr)} (must be >= 0 and finite in fp32)")
     if momentum < 0.0:
         raise ValueError(f"Invalid momentum value: {momentum} (must be >= 0)")
     if not 0.0 <= dampening <= 1.0:
@@ -292,34 +290,29 @@ _DECAY_GATE = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
 def _warn_about_group(group: dict[str, Any]) -> None:
     lr = float(group["lr"])
     if 0.0 < lr < _ADAMW_SCALE_LR:
-        warnings.warn(
+        warn(
             f"RLSGD got lr={lr:g}, an AdamW-scale learning rate. Plain SGD has no per-parameter "
             "normalisation: lr * grad is then far below half a bf16 ulp of almost every weight and the "
             "bf16 model stays bit-identical. SGD in RL is reported to work at lr ~0.1 (no momentum, bf16 "
-            "weights); attach a PrecisionGateTracker to see how many updates the bf16 gate swallows.",
-            UserWarning,
-            stacklevel=5,
+            "weights); attach a PrecisionGateTracker to see how many updates the bf16 gate swallows."
         )
     decay = lr * group["weight_decay"]
     low_precision = {p.dtype for p in group["params"]} & set(_DECAY_GATE)
     if decay == 0 or not low_precision or group["rounding"] != "nearest":
         return
-    gate = max(_DECAY_GATE[dtype] for dtype in low_precision)
-    if decay < gate:
-        warnings.warn(
-            f"RLSGD: lr * weight_decay = {decay:.3g} is below {gate:.3g}, so with rounding='nearest' the "
-            "decoupled weight decay never changes a bf16/fp16 weight (the factor 1 - lr*wd rounds back "
-            "to the same value). Use rounding='stochastic' to apply it in expectation, or weight_decay=0.",
-            UserWarning,
-            stacklevel=5,
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    rounded_away = sorted(names[dtype] for dtype in low_precision if decay < _DECAY_GATE[dtype])
+    if rounded_away:
+        warn(
+            f"RLSGD: lr * weight_decay = {decay:.3g} is too small to move a {'/'.join(rounded_away)} weight: with "
+            "rounding='nearest' the decoupled weight decay (the factor 1 - lr*wd) rounds back to the same "
+            "value. Use rounding='stochastic' to apply it in expectation, or weight_decay=0."
         )
-    else:
-        warnings.warn(
+    if len(rounded_away) < len(low_precision):
+        warn(
             f"RLSGD: lr * weight_decay = {decay:.3g} shrinks every weight by {100 * decay:.2g}% per step, "
             "gradient or not. AdamW's weight_decay is tuned for lr ~1e-6; at SGD-scale learning rates "
-            "scale it down accordingly.",
-            UserWarning,
-            stacklevel=5,
+            "scale it down accordingly."
         )
 
 

@@ -5,6 +5,8 @@ instead each :class:`SparseReference` keeps a bit-set of elements touched since 
 (1 bit per element) and, for touched elements only, their index and reference bits (10 bytes
 each). "Differs from the reference" is then exact, also for a weight that moved and moved back.
 When the sparse part would outgrow a dense copy it switches to one (2 bytes per element).
+Each step costs work in proportion to the elements it changed, not to the tensor's size (except
+the count over a dense copy).
 """
 
 from __future__ import annotations
@@ -12,25 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["SparseReference", "pack_bits", "unpack_bits"]
+__all__ = ["SparseReference"]
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _SPARSE_ENTRY_BYTES = 8 + 2  # int64 index + int16 reference bits
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """Pack a flat bool tensor into uint8, little bit order (as ``numpy.packbits(bitorder="little")``)."""
-    padded_length = -(-mask.numel() // 8) * 8
-    padded = torch.zeros(padded_length, dtype=torch.uint8, device=mask.device)
-    padded[: mask.numel()] = mask.reshape(-1)
-    weights = _BIT_WEIGHTS.to(mask.device)
-    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, numel: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: the first ``numel`` bits as a flat bool tensor."""
-    weights = _BIT_WEIGHTS.to(packed.device)
-    return ((packed.unsqueeze(1) & weights) != 0).reshape(-1)[:numel]
 
 
 class SparseReference:
@@ -43,26 +29,35 @@ class SparseReference:
         """Make the current values (``reference_bits``, flat int16) the new reference."""
         self.numel = reference_bits.numel()
         self.device = reference_bits.device
+        self.dtype = reference_bits.dtype
         self._touched = torch.zeros(-(-self.numel // 8), dtype=torch.uint8, device=self.device)
         self._indices = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._reference_values = torch.empty(0, dtype=reference_bits.dtype, device=self.device)
+        self._reference_values = torch.empty(0, dtype=self.dtype, device=self.device)
         self._dense: Tensor | None = None
 
     @property
     def is_dense(self) -> bool:
         return self._dense is not None
 
-    def record(self, changed: Tensor, before_bits: Tensor, after_bits: Tensor) -> None:
-        """Record one step: ``changed`` is ``before_bits != after_bits`` (all flat)."""
-        if self._dense is not None:
+    def is_touched(self, indices: Tensor) -> Tensor:
+        """Whether each element of ``indices`` changed since the reference (sparse mode)."""
+        bit = (indices & 7).to(torch.uint8)
+        return ((self._touched[indices >> 3] >> bit) & 1).bool()
+
+    def record(self, changed_indices: Tensor, values_before: Tensor, after_bits: Tensor) -> None:
+        """Record one step: the flat indices of the elements it changed, their bits before the step,
+        and the whole tensor's bits after it."""
+        if self._dense is not None or changed_indices.numel() == 0:
             return
-        newly_touched = changed & ~unpack_bits(self._touched, self.numel)
-        new_indices = newly_touched.nonzero().squeeze(1)
+        first_change = ~self.is_touched(changed_indices)
+        new_indices = changed_indices[first_change]
         if new_indices.numel() == 0:
             return
         self._indices = torch.cat([self._indices, new_indices])
-        self._reference_values = torch.cat([self._reference_values, before_bits[new_indices]])
-        self._touched |= pack_bits(newly_touched)
+        self._reference_values = torch.cat([self._reference_values, values_before[first_change]])
+        # Distinct new elements set distinct bits, so adding the bits is OR-ing them.
+        bits = torch.ones_like(new_indices, dtype=torch.uint8) << (new_indices & 7).to(torch.uint8)
+        self._touched.index_put_((new_indices >> 3,), bits, accumulate=True)
         if self._indices.numel() * _SPARSE_ENTRY_BYTES > self.numel * after_bits.element_size():
             dense = after_bits.clone()
             dense[self._indices] = self._reference_values
@@ -70,7 +65,7 @@ class SparseReference:
             # Fresh empty tensors, not [:0] views, so the sparse storage is really freed.
             self._touched = torch.empty(0, dtype=torch.uint8, device=self.device)
             self._indices = torch.empty(0, dtype=torch.int64, device=self.device)
-            self._reference_values = torch.empty(0, dtype=after_bits.dtype, device=self.device)
+            self._reference_values = torch.empty(0, dtype=self.dtype, device=self.device)
 
     def count_differing(self, current_bits: Tensor) -> Tensor:
         """Number of elements whose current bits differ from the reference (0-dim int64 tensor)."""

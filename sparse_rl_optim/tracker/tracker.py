@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from sparse_rl_optim._warnings import warn
 from sparse_rl_optim.bf16 import bits_view_dtype, gate_view_bits
 from sparse_rl_optim.tracker.module_kinds import MODULE_KINDS, layer_index, module_kind
 from sparse_rl_optim.tracker.reference import SparseReference
@@ -26,11 +26,16 @@ def unwrap_optimizer(optimizer: Optimizer) -> Optimizer:
     return optimizer
 
 
+#: Elements per chunk of the checksum on a CPU, where ``sum(dtype=int64)`` makes an int64 copy.
+_CHECKSUM_CHUNK = 1 << 20
+
+
 def _checksum(bits: Tensor) -> Tensor:
-    """Sum and sum of squares of the bit patterns: changes whenever any element changes, short of
-    edits that exactly cancel in both (such as swapping two elements)."""
-    wide = bits.to(torch.int32)
-    return torch.stack([wide.sum(dtype=torch.int64), (wide * wide).sum(dtype=torch.int64)])
+    """Sum of the 16-bit patterns as int64 (a 0-dim tensor): any single edit changes it, and so does
+    any realistic bulk edit (swapping two elements would not)."""
+    if bits.device.type != "cpu" or bits.numel() <= _CHECKSUM_CHUNK:
+        return bits.sum(dtype=torch.int64)
+    return torch.stack([chunk.sum(dtype=torch.int64) for chunk in bits.split(_CHECKSUM_CHUNK)]).sum()
 
 
 class _TrackedParam:
@@ -45,7 +50,7 @@ class _TrackedParam:
         bits = self.bits()
         self.reference = SparseReference(bits)
         self.since_sync = SparseReference(bits)
-        self.checksum = _checksum(bits)  # of the bits after the last observed step
+        self.checksum: Tensor | None = None  # of the bits after the last observed step
         self.before: Tensor | None = None
 
     def bits(self) -> Tensor:
@@ -74,18 +79,21 @@ class PrecisionGateTracker:
 
     The counts are exact for changes made by ``optimizer.step()``. A tensor edited between steps
     (``load_state_dict``, an EMA, a manual edit) is caught by a checksum, named in the next record's
-    ``changed_outside_step`` and warned about; call ``reset_reference()`` or ``mark_synced()`` after
-    such edits. Under DeepSpeed ZeRO the optimizer steps fp32 master partitions and copies them into
+    ``changed_outside_step`` and warned about; call ``reset_reference()`` after such edits (it makes
+    the current weights the reference and the sync point: reload the inference engine in full). Under DeepSpeed ZeRO the optimizer steps fp32 master partitions and copies them into
     the model after the step hooks have run: there, track the optimizer's own params (untested here).
 
     Memory: while attached, 1/8 byte per element per reference (reference and sync), plus 10 bytes
     per element that changed since that reference, capped at a 2-byte dense copy per element; during
-    a step a transient 2-byte snapshot per element. ``memory_bytes()`` reports the figures.
+    a step a transient 2-byte snapshot per element (plus, for the checksum on a CPU, an int64 copy of
+    at most 2**20 elements). ``memory_bytes()`` reports the figures.
 
     Args:
         model: an ``nn.Module`` (its parameters with ``requires_grad``) or ``(name, param)`` pairs.
         jsonl_path: if given, every record is appended to this JSON-lines file as it is made.
         warn_nonfinite: warn when weights become NaN/inf (they are always counted in ``nonfinite``).
+        detect_outside_edits: checksum the weights before each step to catch edits made between
+            steps (one extra read of the weights per step; off saves it).
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class PrecisionGateTracker:
         *,
         jsonl_path: str | os.PathLike[str] | None = None,
         warn_nonfinite: bool = True,
+        detect_outside_edits: bool = True,
     ) -> None:
         if isinstance(model, nn.Module):
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -109,6 +118,7 @@ class PrecisionGateTracker:
         self.history: list[dict[str, Any]] = []
         self.jsonl_path = os.fspath(jsonl_path) if jsonl_path is not None else None
         self.warn_nonfinite = warn_nonfinite
+        self.detect_outside_edits = detect_outside_edits
         self._optimizer: Optimizer | None = None
         self._hook_handles: list[Any] = []
         self._step = 0
@@ -152,14 +162,13 @@ class PrecisionGateTracker:
             bits = tracked.bits()
             tracked.reference.reset(bits)
             tracked.since_sync.reset(bits)
-            tracked.checksum = _checksum(bits)
+            tracked.checksum = _checksum(bits) if self.detect_outside_edits else None
 
     def mark_synced(self) -> None:
         """The current weights were shipped (e.g. to the inference engine): restart ``changed_since_sync``."""
         for tracked in self._params:
-            bits = tracked.bits()
-            tracked.since_sync.reset(bits)
-            tracked.checksum = _checksum(bits)
+            # The checksum stays: an edit made outside the step is still reported at the next step.
+            tracked.since_sync.reset(tracked.bits())
 
     # -- the hooks -------------------------------------------------------------------------
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -168,7 +177,12 @@ class PrecisionGateTracker:
         for tracked in self._params:
             tracked.before = tracked.bits().clone()
             snapshot_bytes += tracked.before.numel() * tracked.before.element_size()
-            moved.append((_checksum(tracked.before) != tracked.checksum).any())
+            if tracked.checksum is None:
+                moved.append(torch.zeros((), dtype=torch.bool, device=tracked.before.device))
+                continue
+            before_checksum = _checksum(tracked.before)
+            moved.append(before_checksum != tracked.checksum)
+            tracked.checksum = before_checksum
         # Read in the post-hook together with the counts: one host sync per step.
         self._moved_outside_step = torch.stack(moved).cpu()
         self._peak_snapshot_bytes = max(self._peak_snapshot_bytes, snapshot_bytes)
@@ -184,16 +198,23 @@ class PrecisionGateTracker:
             tracked.before = None
             if before is None:
                 raise RuntimeError("PrecisionGateTracker saw a step end without its start")
-            changed = before != after
-            tracked.reference.record(changed, before, after)
-            tracked.since_sync.record(changed, before, after)
-            tracked.checksum = _checksum(after)
-            after_values = after.view(tracked.view_dtype)
-            became_nonfinite = (~torch.isfinite(after_values) & torch.isfinite(before.view(tracked.view_dtype))).sum()
+            # From here on the work is proportional to the changed elements, which RL keeps few.
+            changed_indices = (before != after).nonzero().squeeze(1)
+            changed_before, changed_after = before[changed_indices], after[changed_indices]
+            tracked.reference.record(changed_indices, changed_before, after)
+            tracked.since_sync.record(changed_indices, changed_before, after)
+            if tracked.checksum is not None:
+                tracked.checksum = (
+                    tracked.checksum + changed_after.sum(dtype=torch.int64) - changed_before.sum(dtype=torch.int64)
+                )
+            became_nonfinite = (
+                ~torch.isfinite(changed_after.view(tracked.view_dtype))
+                & torch.isfinite(changed_before.view(tracked.view_dtype))
+            ).sum()
             counts.append(
                 torch.stack(
                     [
-                        changed.sum(),
+                        torch.tensor(changed_indices.numel(), device=after.device),
                         tracked.reference.count_differing(after),
                         tracked.since_sync.count_differing(after),
                         became_nonfinite,
@@ -216,13 +237,12 @@ class PrecisionGateTracker:
         )
         record["changed_outside_step"] = moved_outside
         if moved_outside:
-            warnings.warn(
+            warn(
                 f"step {self._step}: {len(moved_outside)} tensors changed outside optimizer.step() since the "
                 f"previous step ({', '.join(moved_outside[:5])}{', ...' if len(moved_outside) > 5 else ''}); "
                 "their cumulative and since-sync counts miss those changes. Call reset_reference() or "
                 "mark_synced() after editing weights (load_state_dict, EMA, manual edits).",
                 RuntimeWarning,
-                stacklevel=2,
             )
         self.history.append(record)
         if self.jsonl_path is not None:
@@ -230,11 +250,10 @@ class PrecisionGateTracker:
                 handle.write(json.dumps(record) + "\n")
         if record["nonfinite"] and self.warn_nonfinite:
             names = [t.name for t, row in zip(self._params, table, strict=True) if row[3]]
-            warnings.warn(
+            warn(
                 f"step {self._step}: {record['nonfinite']} weights became NaN/inf (in {', '.join(names[:5])}"
                 f"{', ...' if len(names) > 5 else ''}); check the gradients and the learning rate",
                 RuntimeWarning,
-                stacklevel=2,
             )
 
     def _make_record(self, table: list[list[int]], intended: int | None, swallowed: int | None) -> dict[str, Any]:
