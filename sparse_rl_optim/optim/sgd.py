@@ -151,7 +151,11 @@ class RLSGD(Optimizer):
         """As ``Optimizer.add_param_group``; also validates the group's hyperparameters, rejects a
         parameter listed twice (it would be stepped twice), and warns about settings that the bf16
         gate turns into surprises (an AdamW-scale lr, weight decay that rounds away or bites hard)."""
-        super().add_param_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("RLSGD got a parameter group that lists the same parameter twice")
+        super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         try:
             _validate_hyperparameters(
@@ -162,8 +166,6 @@ class RLSGD(Optimizer):
                 group["weight_decay"],
                 group["rounding"],
             )
-            if len({id(p) for p in group["params"]}) != len(group["params"]):
-                raise ValueError("RLSGD got a parameter group that lists the same parameter twice")
         except Exception:
             self.param_groups.pop()
             raise
