@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 import warnings
@@ -132,6 +133,9 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Warm start, GRPO with the gate callback, report. Returns the figures it printed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # bitsandbytes (installed for the tests) announces at import that its optional 4-bit CPU kernel
+    # is missing; the demo does not use it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from datasets import Dataset
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
