@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_rl_optim import RLSGD, PrecisionGateTracker
+from sparse_rl_optim import RLSGD, PrecisionGateTracker, optimizer_state_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRAD_SCALE = 1e-5
@@ -74,15 +74,6 @@ def time_it(fn, device: str, repeats: int) -> tuple[float, float, float]:
     return statistics.median(samples), min(samples), max(samples)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        value.numel() * value.element_size()
-        for entry in optimizer.state.values()
-        for value in entry.values()
-        if isinstance(value, torch.Tensor)
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=20e6)
@@ -126,7 +117,7 @@ def main() -> None:
                 "step_ms": 1e3 * seconds,
                 "step_ms_min": 1e3 * fastest,
                 "step_ms_max": 1e3 * slowest,
-                "state_bytes_per_param": state_bytes(optimizer) / numel,
+                "state_bytes_per_param": optimizer_state_bytes(optimizer) / numel,
                 "effective_bandwidth_fraction_at_6_bytes": 6 * numel / seconds / copy_bandwidth,
                 "tracked_changed_fraction_per_step": changed,
             }

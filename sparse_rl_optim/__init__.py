@@ -5,9 +5,9 @@ Public API::
     from sparse_rl_optim import RLSGD, PrecisionGateTracker
 """
 
-from sparse_rl_optim.optim import RLSGD, GateStats, rlsgd
+from sparse_rl_optim.optim import RLSGD, GateStats, optimizer_state_bytes, rlsgd
 from sparse_rl_optim.tracker import PrecisionGateTracker
 
 __version__ = "0.1.0"
 
-__all__ = ["RLSGD", "GateStats", "PrecisionGateTracker", "__version__", "rlsgd"]
+__all__ = ["RLSGD", "GateStats", "PrecisionGateTracker", "__version__", "optimizer_state_bytes", "rlsgd"]

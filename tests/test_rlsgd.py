@@ -15,7 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from reference import bf16_bits, bits_equal, fp32_of_bf16_bits, rtne_fp32_to_bf16_bits, sgd_step_bf16_bits
 
-from sparse_rl_optim import RLSGD, rlsgd
+from sparse_rl_optim import RLSGD, optimizer_state_bytes, rlsgd
 from sparse_rl_optim.optim import sgd as rlsgd_module
 from sparse_rl_optim.optim.sgd import _multi_tensor_rlsgd, _single_tensor_rlsgd
 
@@ -338,6 +338,9 @@ def test_no_state_without_momentum():
     assert optimizer.state_bytes() == 0
     assert len(optimizer.state) == 0
     assert optimizer.state_dict()["state"] == {}
+    with_momentum = RLSGD(params, lr=0.1, momentum=0.9)
+    with_momentum.step()
+    assert optimizer_state_bytes(with_momentum) == with_momentum.state_bytes() == 30 * 30 * 4  # fp32 buffer
 
 
 def _train(optimizer, params, grads_per_step):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sparse_rl_optim import RLSGD
+from sparse_rl_optim import RLSGD, optimizer_state_bytes
 from sparse_rl_optim.demo.task import addition_reward, build_tiny_llama, build_tokenizer, make_prompts
 
 OPTIMIZERS = ("rlsgd", "adamw", "sgd")
@@ -95,16 +95,6 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimizer's state tensors, measured."""
-    return sum(
-        value.numel() * value.element_size()
-        for entry in optimizer.state.values()
-        for value in entry.values()
-        if isinstance(value, torch.Tensor)
-    )
 
 
 def measured_adamw_state_bytes(model: torch.nn.Module) -> int:

@@ -26,6 +26,7 @@ from sparse_rl_optim.bf16 import (
     stochastic_round,
     stochastic_seed,
 )
+from sparse_rl_optim.optim.memory import optimizer_state_bytes
 
 __all__ = ["RLSGD", "GateStats", "rlsgd"]
 
@@ -257,12 +258,7 @@ class RLSGD(Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (0 with ``momentum=0``)."""
-        return sum(
-            value.numel() * value.element_size()
-            for entry in self.state.values()
-            for value in entry.values()
-            if isinstance(value, Tensor)
-        )
+        return optimizer_state_bytes(self)
 
 
 def _validate_hyperparameters(
