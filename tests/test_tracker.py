@@ -83,7 +83,8 @@ def test_counts_equal_naive_bitwise_diff(optimizer_name, dtype, width, lr_scale,
     generator = torch.Generator().manual_seed(seed)
     for step in range(4):
         if step == 2:
-            tracker.mark_synced()
+            shipped = tracker.mark_synced()  # what this sync ships: the diff against the previous one
+            assert shipped == sum(int((bits_of(p) != sync_point[n]).sum()) for n, p in named)
             sync_point = {name: bits_of(p) for name, p in named}
         before = {name: bits_of(p) for name, p in named}
         train_step(model, optimizer, generator)

@@ -89,6 +89,7 @@ class PrecisionGateCallback(TrainerCallback):
         self._generate_every: int | None = None
         self._micro_batches = 0  # training micro-batches started since train() began
         self._accumulation_start = 0
+        self._last_synced_step = 0
         self._logged_records = 0
         self._logged_syncs = 0
 
@@ -144,9 +145,8 @@ class PrecisionGateCallback(TrainerCallback):
     def _record_sync(self, step: int) -> None:
         if self.tracker is None or step == self._last_synced_step:
             return  # TRL loads weights only when the step changed since the last load
-        self.syncs.append((step, self.tracker.changed_since_sync))
+        self.syncs.append((step, self.tracker.mark_synced()))
         self._last_synced_step = step
-        self.tracker.mark_synced()
 
     def on_log(
         self,

@@ -38,6 +38,11 @@ def _checksum(bits: Tensor) -> Tensor:
     return torch.stack([chunk.sum(dtype=torch.int64) for chunk in bits.split(_CHECKSUM_CHUNK)]).sum()
 
 
+def _name_list(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names, comma-separated, with ``...`` when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 class _TrackedParam:
     __slots__ = ("before", "checksum", "kind", "layer", "name", "param", "reference", "since_sync", "view_dtype")
 
@@ -80,8 +85,9 @@ class PrecisionGateTracker:
     The counts are exact for changes made by ``optimizer.step()``. A tensor edited between steps
     (``load_state_dict``, an EMA, a manual edit) is caught by a checksum, named in the next record's
     ``changed_outside_step`` and warned about; call ``reset_reference()`` after such edits (it makes
-    the current weights the reference and the sync point: reload the inference engine in full). Under DeepSpeed ZeRO the optimizer steps fp32 master partitions and copies them into
-    the model after the step hooks have run: there, track the optimizer's own params (untested here).
+    the current weights the reference and the sync point: reload the inference engine in full).
+    Under DeepSpeed ZeRO the optimizer steps fp32 master partitions and copies them into the model
+    after the step hooks have run: there, track the optimizer's own params (untested here).
 
     Memory: while attached, 1/8 byte per element per reference (reference and sync), plus 10 bytes
     per element that changed since that reference, capped at a 2-byte dense copy per element; during
@@ -164,11 +170,17 @@ class PrecisionGateTracker:
             tracked.since_sync.reset(bits)
             tracked.checksum = _checksum(bits) if self.detect_outside_edits else None
 
-    def mark_synced(self) -> None:
-        """The current weights were shipped (e.g. to the inference engine): restart ``changed_since_sync``."""
+    def mark_synced(self) -> int:
+        """The current weights were shipped (e.g. to the inference engine): restart
+        ``changed_since_sync``. Returns what this sync shipped: the elements that differed from the
+        previous sync."""
+        shipped = []
         for tracked in self._params:
+            bits = tracked.bits()
+            shipped.append(tracked.since_sync.count_differing(bits))
             # The checksum stays: an edit made outside the step is still reported at the next step.
-            tracked.since_sync.reset(tracked.bits())
+            tracked.since_sync.reset(bits)
+        return int(torch.stack(shipped).sum()) if shipped else 0
 
     # -- the hooks -------------------------------------------------------------------------
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -239,9 +251,8 @@ class PrecisionGateTracker:
         if moved_outside:
             warn(
                 f"step {self._step}: {len(moved_outside)} tensors changed outside optimizer.step() since the "
-                f"previous step ({', '.join(moved_outside[:5])}{', ...' if len(moved_outside) > 5 else ''}); "
-                "their cumulative and since-sync counts miss those changes. Call reset_reference() or "
-                "mark_synced() after editing weights (load_state_dict, EMA, manual edits).",
+                f"previous step ({_name_list(moved_outside)}); their cumulative and since-sync counts miss "
+                "those changes. Call reset_reference() after editing weights (load_state_dict, EMA, manual edits).",
                 RuntimeWarning,
             )
         self.history.append(record)
@@ -251,8 +262,8 @@ class PrecisionGateTracker:
         if record["nonfinite"] and self.warn_nonfinite:
             names = [t.name for t, row in zip(self._params, table, strict=True) if row[3]]
             warn(
-                f"step {self._step}: {record['nonfinite']} weights became NaN/inf (in {', '.join(names[:5])}"
-                f"{', ...' if len(names) > 5 else ''}); check the gradients and the learning rate",
+                f"step {self._step}: {record['nonfinite']} weights became NaN/inf (in {_name_list(names)}); "
+                "check the gradients and the learning rate",
                 RuntimeWarning,
             )
 
