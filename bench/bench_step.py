@@ -1,10 +1,11 @@
 """Optimizer step time and optimizer-state memory: RLSGD against the optimizers people use.
 
-    python bench/bench_step.py [--params 20e6] [--device cpu|cuda] [--repeats 10]
+    python bench/bench_step.py [--params 20e6] [--device cpu|cuda] [--repeats 20]
 
 Builds bf16 tensors shaped like a Llama's (a few large matrices, some vectors), gives them bf16
-gradients of RL scale (at lr 0.1 about 1% of the weights change per step) and times ``optimizer.step()`` for each optimizer in one run (median of ``--repeats``
-after warm-up), and measures the bytes each holds in state. The device's copy bandwidth is measured
+gradients of RL scale (at lr 0.1 about 1% of the weights change per step) and times
+``optimizer.step()`` for each optimizer in one run (median, min and max of ``--repeats`` after
+warm-up), also with a PrecisionGateTracker attached, and measures the bytes each holds in state. The device's copy bandwidth is measured
 in the same run (``dst.copy_(src)`` of the same number of bytes as a 6-byte-per-parameter step).
 Writes ``bench/results/step_<device>.json`` and ``.png`` and prints a table.
 """

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl")
-pytest.importorskip("matplotlib")
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--warm-start-steps", "20", "--hidden-size", "32"]
 

@@ -18,10 +18,6 @@ from typing import Any
 
 import pytest
 import torch
-
-pytest.importorskip("trl")
-pytest.importorskip("datasets")
-
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
