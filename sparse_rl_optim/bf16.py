@@ -83,6 +83,10 @@ def round_nearest(value: Tensor, dtype: torch.dtype) -> Tensor:
 
 _HASH_MASK = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
+_HASH_MUL_1 = 0x7FEB352D
+_HASH_MUL_2 = 0x2C1B3C6D
+#: The NaN pattern torch's fp32 -> bf16 conversion produces (and the kernels write).
+_BF16_CANONICAL_NAN = 0x7FC0
 
 
 def stochastic_seed(step_seed: int, tensor_index: int) -> int:
@@ -101,9 +105,9 @@ def random_bits16(seed: int, start: int, count: int, device: torch.device | str 
     offsets = torch.arange(start, start + count, dtype=torch.int64, device=device)
     x = (offsets + ((seed * _GOLDEN) & _HASH_MASK)) & _HASH_MASK
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _HASH_MASK
+    x = (x * _HASH_MUL_1) & _HASH_MASK
     x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _HASH_MASK
+    x = (x * _HASH_MUL_2) & _HASH_MASK
     x = x ^ (x >> 16)
     return (x >> 16).to(torch.int32)
 

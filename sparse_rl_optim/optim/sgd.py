@@ -31,6 +31,7 @@ from sparse_rl_optim.optim.memory import optimizer_state_bytes
 __all__ = ["RLSGD", "GateStats", "rlsgd"]
 
 ROUNDING_MODES = ("nearest", "stochastic")
+BACKENDS = ("auto", "torch", "triton")
 
 #: Below this lr RLSGD warns: an AdamW-scale lr (~1e-6) times an RL gradient is far below half a
 #: bf16 ulp of almost every weight, so SGD would leave the bf16 model bit-identical.
@@ -45,6 +46,7 @@ _DEFAULTS: dict[str, Any] = {
     "maximize": False,
     "rounding": "nearest",
     "foreach": None,
+    "backend": "auto",
 }
 
 
@@ -55,10 +57,20 @@ class GateStats:
     ``intended``: elements whose gradient update was non-zero (``fp32(lr*d) != 0``; weight decay is
     not counted). ``swallowed``: of those, elements whose gate view (the stored bf16/fp16 bits, or the
     bf16 rounding of an fp32 weight) did not change.
+
+    On the Triton path with ``record_changes`` (what :class:`~sparse_rl_optim.PrecisionGateTracker`
+    asks for), also from the step kernel: ``tile_changed`` (int32 per tile of
+    :mod:`sparse_rl_optim.tiles`, elements whose gate view changed), ``changed_indices`` (flat int64,
+    sorted), ``old_bits`` (their int16 gate-view bits before the step) and ``old_checksum`` (int64 sum
+    of all int16 gate-view patterns before the step).
     """
 
     intended: Tensor
     swallowed: Tensor
+    tile_changed: Tensor | None = None
+    changed_indices: Tensor | None = None
+    old_bits: Tensor | None = None
+    old_checksum: Tensor | None = None
 
 
 def _fp32(value: float) -> float:
@@ -106,8 +118,14 @@ class RLSGD(Optimizer):
         momentum, dampening, nesterov, weight_decay, maximize: as in ``torch.optim.SGD``
             (weight decay decoupled, see above).
         rounding: ``"nearest"`` or ``"stochastic"``.
-        foreach: ``False`` runs the single-tensor reference; ``None`` (default) or ``True`` the
-            multi-tensor path (bounded fp32 scratch memory, bit-equal to the reference).
+        foreach: on the torch backend, ``False`` runs the single-tensor reference; ``None`` (default)
+            or ``True`` the multi-tensor path (bounded fp32 scratch memory, bit-equal to the reference).
+        backend: ``"auto"`` (default) runs the fused Triton kernel on CUDA tensors and torch
+            elsewhere; ``"torch"`` always torch; ``"triton"`` always the kernel (on CPU tensors only
+            under ``TRITON_INTERPRET=1``, otherwise a clear error). The kernel is bit-equal to the
+            reference; it handles bf16/fp16/fp32 params and grads, and runs fp64 or non-contiguous
+            tensors through the reference. On the Triton path an attached tracker takes the change
+            counts from the kernel instead of snapshotting the weights.
     """
 
     def __init__(
@@ -122,8 +140,9 @@ class RLSGD(Optimizer):
         maximize: bool = False,
         rounding: str = "nearest",
         foreach: bool | None = None,
+        backend: str = "auto",
     ) -> None:
-        _validate_hyperparameters(lr, momentum, dampening, nesterov, weight_decay, rounding)
+        _validate_hyperparameters(lr, momentum, dampening, nesterov, weight_decay, rounding, backend)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -133,10 +152,13 @@ class RLSGD(Optimizer):
             maximize=maximize,
             rounding=rounding,
             foreach=foreach,
+            backend=backend,
         )
         super().__init__(params, defaults)
         #: Set by :class:`~sparse_rl_optim.PrecisionGateTracker`: collect :class:`GateStats` per step.
         self.gate_stats_enabled = False
+        #: Set by the tracker: on the Triton path also record the changed elements (see GateStats).
+        self.gate_changes_enabled = False
         #: param -> :class:`GateStats` of the last step (filled only when ``gate_stats_enabled``).
         self.gate_stats: dict[Tensor, GateStats] = {}
 
@@ -146,6 +168,7 @@ class RLSGD(Optimizer):
             for key, value in _DEFAULTS.items():
                 group.setdefault(key, value)
         self.__dict__.setdefault("gate_stats_enabled", False)
+        self.__dict__.setdefault("gate_changes_enabled", False)
         self.__dict__.setdefault("gate_stats", {})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -166,7 +189,13 @@ class RLSGD(Optimizer):
                 group["nesterov"],
                 group["weight_decay"],
                 group["rounding"],
+                group["backend"],
             )
+            if _resolve_backend(group["backend"], params) == "triton":
+                from sparse_rl_optim.optim._triton import check_triton_available
+
+                for device in {p.device for p in params}:
+                    check_triton_available(device)
         except Exception:
             self.param_groups.pop()
             raise
@@ -247,7 +276,9 @@ class RLSGD(Optimizer):
                 maximize=group["maximize"],
                 rounding=group["rounding"],
                 foreach=group["foreach"],
+                backend=group["backend"],
                 collect_gate_stats=self.gate_stats_enabled,
+                record_changes=self.gate_changes_enabled,
             )
             if group["momentum"] != 0:
                 for param, buffer in zip(params, momentum_buffers, strict=True):
@@ -260,9 +291,25 @@ class RLSGD(Optimizer):
         """Bytes held in optimizer state tensors (0 with ``momentum=0``)."""
         return optimizer_state_bytes(self)
 
+    def reports_gate_changes(self, param: Tensor) -> bool:
+        """Whether a step records ``param``'s changed elements in :attr:`gate_stats` (the Triton
+        path with ``gate_changes_enabled``), so a tracker need not snapshot it."""
+        if not self.gate_changes_enabled:
+            return False
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return _resolve_backend(group["backend"], [param]) == "triton"
+        return False
+
 
 def _validate_hyperparameters(
-    lr: float | Tensor, momentum: float, dampening: float, nesterov: bool, weight_decay: float, rounding: str
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    rounding: str,
+    backend: str = "auto",
 ) -> None:
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be a 1-element tensor, got shape {tuple(lr.shape)}")
@@ -278,6 +325,15 @@ def _validate_hyperparameters(
         raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"Unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _resolve_backend(backend: str, tensors: list[Tensor]) -> str:
+    """``"triton"`` or ``"torch"``: ``auto`` picks Triton when every tensor is on a CUDA device."""
+    if backend == "auto":
+        return "triton" if tensors and all(t.is_cuda for t in tensors) else "torch"
+    return backend
 
 
 #: Half a bf16 (fp16) ulp relative to the weight is at least 2**-9 (2**-12): a decoupled decay
@@ -327,18 +383,24 @@ def rlsgd(
     maximize: bool = False,
     rounding: str = "nearest",
     foreach: bool | None = None,
+    backend: str = "auto",
     collect_gate_stats: bool = False,
+    record_changes: bool = False,
 ) -> list[GateStats] | None:
     """Functional RLSGD (see :class:`RLSGD` for the formula). Updates ``params`` in place; new
     momentum buffers are written into ``momentum_buffers``. Returns per-param :class:`GateStats`
-    when ``collect_gate_stats``.
+    when ``collect_gate_stats`` (or ``record_changes``, which on the Triton path adds the kernel's
+    per-tile change counts and the changed elements).
 
-    ``foreach=False`` runs the single-tensor reference; ``True`` or ``None`` (the default) the
-    multi-tensor path, which works through fp32 scratch buffers of bounded size (so the transient
-    memory of a step does not grow with the model) and is tested bit-equal to the reference.
+    ``backend``: see :class:`RLSGD`. On the torch backend ``foreach=False`` runs the single-tensor
+    reference; ``True`` or ``None`` (the default) the multi-tensor path, which works through fp32
+    scratch buffers of bounded size (so the transient memory of a step does not grow with the model)
+    and is tested bit-equal to the reference.
     """
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"Unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}")
     if not (len(params) == len(grads) == len(momentum_buffers)):
         raise ValueError("params, grads and momentum_buffers must have the same length")
     if foreach is None:
@@ -346,6 +408,26 @@ def rlsgd(
     # One 32-bit seed per step from torch's default generator (so torch.manual_seed reproduces a run);
     # each tensor's random bits derive from it and the element index, whatever path computes them.
     step_seed = int(torch.randint(0, 2**31, (1,)).item()) if rounding == "stochastic" else 0
+    if _resolve_backend(backend, params) == "triton":
+        from sparse_rl_optim.optim._triton import check_triton_available, triton_rlsgd
+
+        for device in {p.device for p in params}:
+            check_triton_available(device)
+        return triton_rlsgd(
+            params,
+            grads,
+            momentum_buffers,
+            lr=float(lr),
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            rounding=rounding,
+            step_seed=step_seed,
+            collect_gate_stats=collect_gate_stats,
+            record_changes=record_changes,
+        )
     fn = _multi_tensor_rlsgd if foreach else _single_tensor_rlsgd
     return fn(
         params,

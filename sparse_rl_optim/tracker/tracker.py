@@ -44,7 +44,18 @@ def _name_list(names: list[str], shown: int = 5) -> str:
 
 
 class _TrackedParam:
-    __slots__ = ("before", "checksum", "kind", "layer", "name", "param", "reference", "since_sync", "view_dtype")
+    __slots__ = (
+        "before",
+        "checksum",
+        "kernel_fed",
+        "kind",
+        "layer",
+        "name",
+        "param",
+        "reference",
+        "since_sync",
+        "view_dtype",
+    )
 
     def __init__(self, name: str, param: Tensor) -> None:
         self.name = name
@@ -57,6 +68,7 @@ class _TrackedParam:
         self.since_sync = SparseReference(bits)
         self.checksum: Tensor | None = None  # of the bits after the last observed step
         self.before: Tensor | None = None
+        self.kernel_fed = False  # this step's changes come from the step kernel, not a snapshot
 
     def bits(self) -> Tensor:
         return gate_view_bits(self.param.detach()).reshape(-1)
@@ -129,7 +141,7 @@ class PrecisionGateTracker:
         self._hook_handles: list[Any] = []
         self._step = 0
         self._peak_snapshot_bytes = 0
-        self._moved_outside_step = torch.zeros(0, dtype=torch.bool)
+        self._moved_outside_step: list[Tensor] = []
 
     # -- attaching -------------------------------------------------------------------------
     def attach(self, optimizer: Optimizer, *, start_step: int = 0) -> PrecisionGateTracker:
@@ -149,6 +161,8 @@ class PrecisionGateTracker:
         ]
         if hasattr(optimizer, "gate_stats_enabled"):
             optimizer.gate_stats_enabled = True
+        if hasattr(optimizer, "gate_changes_enabled"):
+            optimizer.gate_changes_enabled = True
         return self
 
     def detach(self) -> None:
@@ -158,6 +172,8 @@ class PrecisionGateTracker:
         self._hook_handles = []
         if self._optimizer is not None and hasattr(self._optimizer, "gate_stats_enabled"):
             self._optimizer.gate_stats_enabled = False
+        if self._optimizer is not None and hasattr(self._optimizer, "gate_changes_enabled"):
+            self._optimizer.gate_changes_enabled = False
         self._optimizer = None
         for tracked in self._params:
             tracked.before = None
@@ -186,7 +202,15 @@ class PrecisionGateTracker:
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         snapshot_bytes = 0
         moved: list[Tensor] = []
+        reports_changes = getattr(optimizer, "reports_gate_changes", None)
         for tracked in self._params:
+            tracked.before = None
+            tracked.kernel_fed = reports_changes is not None and reports_changes(tracked.param)
+            if tracked.kernel_fed:
+                # The step kernel reports the changed elements, their old bits and a checksum of the
+                # old bits: no snapshot, no extra read of the weights.
+                moved.append(torch.zeros((), dtype=torch.bool))
+                continue
             tracked.before = tracked.bits().clone()
             snapshot_bytes += tracked.before.numel() * tracked.before.element_size()
             if tracked.checksum is None:
@@ -196,7 +220,7 @@ class PrecisionGateTracker:
             moved.append(before_checksum != tracked.checksum)
             tracked.checksum = before_checksum
         # Read in the post-hook together with the counts: one host sync per step.
-        self._moved_outside_step = torch.stack(moved).cpu()
+        self._moved_outside_step = [flag.cpu() for flag in moved]
         self._peak_snapshot_bytes = max(self._peak_snapshot_bytes, snapshot_bytes)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -205,14 +229,21 @@ class PrecisionGateTracker:
         counts: list[Tensor] = []  # per param: changed, cumulative, since sync, nonfinite
         intended: list[Tensor] = []
         swallowed: list[Tensor] = []
-        for tracked in self._params:
-            before, after = tracked.before, tracked.bits()
-            tracked.before = None
-            if before is None:
-                raise RuntimeError("PrecisionGateTracker saw a step end without its start")
-            # From here on the work is proportional to the changed elements, which RL keeps few.
-            changed_indices = (before != after).nonzero().squeeze(1)
-            changed_before, changed_after = before[changed_indices], after[changed_indices]
+        for position, tracked in enumerate(self._params):
+            stats = gate_stats.get(tracked.param)
+            after = tracked.bits()
+            if tracked.kernel_fed:
+                changed_indices, changed_before, changed_count = self._kernel_changes(position, tracked, stats)
+            else:
+                before = tracked.before
+                tracked.before = None
+                if before is None:
+                    raise RuntimeError("PrecisionGateTracker saw a step end without its start")
+                # From here on the work is proportional to the changed elements, which RL keeps few.
+                changed_indices = (before != after).nonzero().squeeze(1)
+                changed_before = before[changed_indices]
+                changed_count = torch.tensor(changed_indices.numel(), device=after.device)
+            changed_after = after[changed_indices]
             tracked.reference.record(changed_indices, changed_before, after)
             tracked.since_sync.record(changed_indices, changed_before, after)
             if tracked.checksum is not None:
@@ -226,22 +257,20 @@ class PrecisionGateTracker:
             counts.append(
                 torch.stack(
                     [
-                        torch.tensor(changed_indices.numel(), device=after.device),
+                        changed_count.to(device=after.device, dtype=torch.int64),
                         tracked.reference.count_differing(after),
                         tracked.since_sync.count_differing(after),
                         became_nonfinite,
                     ]
                 ).cpu()
             )
-            stats = gate_stats.get(tracked.param)
             if stats is not None:  # params without a gradient this step had no intended update
                 intended.append(stats.intended.reshape(()).cpu())
                 swallowed.append(stats.swallowed.reshape(()).cpu())
         table = torch.stack(counts).tolist()  # one host sync per step, not one per tensor
         has_gate_stats = bool(getattr(optimizer, "gate_stats_enabled", False))
-        moved_outside = [
-            t.name for t, moved in zip(self._params, self._moved_outside_step.tolist(), strict=True) if moved
-        ]
+        moved_flags = torch.stack(self._moved_outside_step).tolist()
+        moved_outside = [t.name for t, moved in zip(self._params, moved_flags, strict=True) if moved]
         record = self._make_record(
             table,
             sum(int(x) for x in intended) if has_gate_stats else None,
@@ -266,6 +295,20 @@ class PrecisionGateTracker:
                 "check the gradients and the learning rate",
                 RuntimeWarning,
             )
+
+    def _kernel_changes(self, position: int, tracked: _TrackedParam, stats: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """(changed indices, their old bits, the changed count) from the step kernel's report; also
+        the outside-edit check against the kernel's checksum of the old bits."""
+        device = tracked.param.device
+        if stats is None or stats.changed_indices is None:
+            # Not stepped (no gradient): unchanged by this step. An edit made outside the step shows
+            # in the checksum of the next step that runs the kernel on it.
+            empty = torch.empty(0, dtype=torch.int64, device=device)
+            return empty, torch.empty(0, dtype=torch.int16, device=device), torch.zeros((), dtype=torch.int64)
+        if tracked.checksum is not None:
+            self._moved_outside_step[position] = (stats.old_checksum != tracked.checksum).cpu()
+            tracked.checksum = stats.old_checksum
+        return stats.changed_indices, stats.old_bits, stats.tile_changed.sum(dtype=torch.int64)
 
     def _make_record(self, table: list[list[int]], intended: int | None, swallowed: int | None) -> dict[str, Any]:
         by_kind: dict[str, dict[str, int]] = {}

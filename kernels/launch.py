@@ -1,0 +1,327 @@
+"""Python launchers for the Triton kernels: argument checks, launch tables, grids.
+
+The kernels themselves live in :mod:`.rlsgd_step` and :mod:`.tiles`; nothing here does arithmetic
+on weights. Importing this module imports Triton; set ``TRITON_INTERPRET=1`` before importing it to
+run the kernels on CPU tensors (slow; used by the tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from sparse_rl_optim.bf16 import _GOLDEN, _HASH_MASK
+from sparse_rl_optim.kernels.bits import BF16, FP16, FP32
+from sparse_rl_optim.kernels.rlsgd_step import rlsgd_step_kernel
+from sparse_rl_optim.kernels.tiles import apply_tiles_kernel, count_changed_tiles_kernel, pack_tiles_kernel
+from sparse_rl_optim.tiles import num_tiles
+
+__all__ = [
+    "STEP_DTYPES",
+    "TensorStepResult",
+    "apply_tiles_triton",
+    "block_size",
+    "count_changed_tiles_triton",
+    "interpreting",
+    "pack_tiles_triton",
+    "rlsgd_step_triton",
+]
+
+_KIND = {torch.bfloat16: BF16.value, torch.float16: FP16.value, torch.float32: FP32.value}
+#: Param and grad dtypes the step kernel handles (others take the torch reference).
+STEP_DTYPES = tuple(_KIND)
+_BITS_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: Elements whose old bits one launch may record for the tracker (a bounded scratch of 2 bytes
+#: each plus a 1-bit change set, whatever the model size); steps without recording are one launch.
+_RECORD_ELEMENTS = 1 << 24
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_size(tile_size: int) -> int:
+    """Elements per program of the elementwise kernels: whole tiles, 4096 on a GPU (a measured sweet
+    spot of memory-bound elementwise kernels), 16384 in the interpreter (each program costs a Python
+    round trip there)."""
+    return max(tile_size, 16384 if interpreting() else 4096)
+
+
+def _launch_options(block: int) -> dict[str, object]:
+    # No FMA contraction: the reference rounds the product and the difference separately.
+    return {"num_warps": 8 if block >= 4096 else 4, "enable_fp_fusion": False}
+
+
+# -- tile kernels ------------------------------------------------------------------------------
+
+
+def count_changed_tiles_triton(old_bits: Tensor, new_bits: Tensor, tile_size: int) -> Tensor:
+    """Per-tile counts of differing 16-bit patterns of two flat int16 tensors (int32)."""
+    numel = old_bits.numel()
+    counts = torch.zeros(num_tiles(numel, tile_size), dtype=torch.int32, device=old_bits.device)
+    if numel == 0:
+        return counts
+    block = block_size(tile_size)
+    grid = (triton_cdiv(numel, block),)
+    count_changed_tiles_kernel[grid](
+        old_bits.contiguous(),
+        new_bits.contiguous(),
+        counts,
+        numel,
+        BLOCK=block,
+        TILE=tile_size,
+        **_launch_options(block),
+    )
+    return counts
+
+
+def triton_cdiv(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _as_bits(flat: Tensor) -> Tensor:
+    return flat.view(_BITS_DTYPE[flat.element_size()])
+
+
+def pack_tiles_triton(
+    source: Tensor, other: Tensor | None, tile_counts: Tensor | None, tile_ids: Tensor | None, tile_size: int
+) -> tuple[Tensor, Tensor]:
+    """Pack the active tiles of a flat contiguous tensor; slots by a prefix sum over the tiles.
+    Returns ``(tile_ids int64, values [n_active, tile_size])``. One host sync: the output size."""
+    device = source.device
+    n_tiles = num_tiles(source.numel(), tile_size)
+    if tile_ids is None:
+        active = tile_counts.to(device) != 0
+        slots = torch.cumsum(active, dim=0, dtype=torch.int64) - 1
+        n_active = int(slots[-1]) + 1 if n_tiles else 0
+        slots = torch.where(active, slots, -1)
+    else:
+        n_active = tile_ids.numel()
+        slots = torch.full((n_tiles,), -1, dtype=torch.int64, device=device)
+        slots[tile_ids] = torch.arange(n_active, device=device)
+    packed_ids = torch.empty(n_active, dtype=torch.int64, device=device)
+    values = torch.empty(n_active, tile_size, dtype=source.dtype, device=device)
+    if n_active:
+        bits = _as_bits(source)
+        pack_tiles_kernel[(n_tiles,)](
+            bits,
+            _as_bits(other) if other is not None else bits,
+            slots,
+            packed_ids,
+            _as_bits(values),
+            source.numel(),
+            XOR=other is not None,
+            TILE=tile_size,
+        )
+    return packed_ids, values
+
+
+def apply_tiles_triton(target: Tensor, values: Tensor, tile_ids: Tensor, tile_size: int, xor: bool) -> None:
+    """Write (or XOR) packed tile rows into a flat contiguous tensor, in place."""
+    if tile_ids.numel() == 0:
+        return
+    apply_tiles_kernel[(tile_ids.numel(),)](
+        _as_bits(target), tile_ids.contiguous(), _as_bits(values.contiguous()), target.numel(), XOR=xor, TILE=tile_size
+    )
+
+
+# -- the fused step ----------------------------------------------------------------------------
+
+
+@dataclass
+class _BlockPlan:
+    """Which tensor and element range each program of a step launch handles (cached per layout)."""
+
+    block_tensor: Tensor  # int32 [n_blocks]
+    block_start: Tensor  # int64 [n_blocks], element offset of the block in its tensor
+    tile_owner: Tensor  # int64 [n_blocks * tiles_per_block], the tensor of each tile slot
+    first_block: list[int]
+    n_blocks: int
+
+
+@lru_cache(maxsize=64)
+def _plan_blocks(numels: tuple[int, ...], block: int, tile_size: int, device: torch.device) -> _BlockPlan:
+    blocks_per_tensor = [triton_cdiv(n, block) for n in numels]
+    first_block, total = [], 0
+    for count in blocks_per_tensor:
+        first_block.append(total)
+        total += count
+    counts = torch.tensor(blocks_per_tensor, dtype=torch.int64)
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+    first = torch.tensor(first_block, dtype=torch.int64)
+    block_start = (torch.arange(total, dtype=torch.int64) - first[block_tensor]) * block
+    tile_owner = torch.repeat_interleave(block_tensor, block // tile_size)
+    return _BlockPlan(
+        block_tensor.to(torch.int32).to(device),
+        block_start.to(device),
+        tile_owner.to(device),
+        first_block,
+        total,
+    )
+
+
+@dataclass
+class TensorStepResult:
+    """What one step kernel reported for one tensor.
+
+    ``tile_changed``: int32 per tile, elements whose gate view changed; ``intended``/``swallowed``:
+    0-dim int64 (with gate stats); ``changed_indices``/``old_bits``/``old_checksum``: flat int64
+    indices of the changed elements, their int16 gate-view bits before the step, and the int64 sum
+    of all old int16 patterns (when recording).
+    """
+
+    tile_changed: Tensor | None = None
+    intended: Tensor | None = None
+    swallowed: Tensor | None = None
+    changed_indices: Tensor | None = None
+    old_bits: Tensor | None = None
+    old_checksum: Tensor | None = None
+
+
+def _aligned(tensors: list[Tensor]) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def rlsgd_step_triton(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    first_step: list[bool],
+    *,
+    lr: float,
+    decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    stochastic: bool,
+    seeds: list[int],
+    stream_offsets: list[int] | None = None,
+    tile_size: int,
+    count_tiles: bool = False,
+    gate_stats: bool = False,
+    record: bool = False,
+) -> list[TensorStepResult]:
+    """One fused RLSGD step over contiguous tensors that share device, param dtype and grad dtype.
+
+    ``lr``/``decay`` are the fp32 step scalars of :func:`sparse_rl_optim.optim.sgd._step_scalars`;
+    ``momentum_buffers`` are fp32 (``first_step[i]``: buffer ``i`` is fresh and gets ``d``);
+    ``seeds`` the per-tensor stochastic-rounding seeds; ``stream_offsets`` the flat index of each
+    tensor's first element in its random stream (a shard of a larger tensor; default 0).
+    """
+    device = params[0].device
+    block = block_size(tile_size)
+    tiles_per_block = block // tile_size
+    numels = tuple(p.numel() for p in params)
+    plan = _plan_blocks(numels, block, tile_size, device)
+    n_tensors = len(params)
+    results = [TensorStepResult() for _ in params]
+    has_momentum = momentum_buffers is not None
+    buffers = momentum_buffers if has_momentum else params
+    addresses = [p.data_ptr() for p in params] + [g.data_ptr() for g in grads] + [b.data_ptr() for b in buffers]
+    seed_mixes = [(seed * _GOLDEN) & _HASH_MASK for seed in seeds]
+    table = torch.tensor(
+        [
+            *addresses,
+            *numels,
+            *seed_mixes,
+            *(stream_offsets or [0] * n_tensors),
+            *[int(flag) for flag in first_step],
+        ],
+        dtype=torch.int64,
+    ).to(device)
+    param_addresses, grad_addresses, buffer_addresses, numel_table, seed_table, offset_table, first_table = table.split(
+        n_tensors
+    )
+    n_slots = plan.n_blocks * tiles_per_block
+    int32 = {"dtype": torch.int32, "device": device}
+    tile_changed = torch.empty(n_slots, **int32) if count_tiles or record else torch.empty(0, **int32)
+    tile_intended = torch.empty(n_slots, **int32) if gate_stats else torch.empty(0, **int32)
+    tile_swallowed = torch.empty(n_slots, **int32) if gate_stats else torch.empty(0, **int32)
+    tile_checksum = torch.empty(n_slots, **int32) if record else torch.empty(0, **int32)
+    blocks_per_launch = max(1, _RECORD_ELEMENTS // block) if record else max(plan.n_blocks, 1)
+    recorded: list[tuple[Tensor, Tensor, Tensor]] = []
+    for first in range(0, plan.n_blocks, blocks_per_launch):
+        count = min(blocks_per_launch, plan.n_blocks - first)
+        words = torch.empty(count * block // 32 if record else 0, **int32)
+        old_bits = torch.empty(count * block if record else 0, dtype=torch.int16, device=device)
+        slot = first * tiles_per_block
+        rlsgd_step_kernel[(count,)](
+            param_addresses,
+            grad_addresses,
+            buffer_addresses,
+            numel_table,
+            seed_table,
+            offset_table,
+            first_table,
+            plan.block_tensor[first:],
+            plan.block_start[first:],
+            tile_changed[slot:],
+            tile_intended[slot:],
+            tile_swallowed[slot:],
+            tile_checksum[slot:],
+            words,
+            old_bits,
+            lr,
+            decay,
+            momentum,
+            1.0 - dampening,
+            PARAM_KIND=_KIND[params[0].dtype],
+            GRAD_KIND=_KIND[grads[0].dtype],
+            HAS_MOMENTUM=has_momentum,
+            NESTEROV=nesterov,
+            MAXIMIZE=maximize,
+            STOCHASTIC=stochastic,
+            HAS_DECAY=decay != 1.0,
+            COUNT_TILES=count_tiles or record,
+            GATE_STATS=gate_stats,
+            RECORD=record,
+            ALIGNED=_aligned(params) and _aligned(grads) and _aligned(buffers) and not interpreting(),
+            BLOCK=block,
+            TILE=tile_size,
+            **_launch_options(block),
+        )
+        if record:
+            recorded.append(_changed_elements(words, old_bits, plan, first, count, block))
+
+    if count_tiles or record:
+        for index, result in enumerate(results):
+            start = plan.first_block[index] * tiles_per_block
+            result.tile_changed = tile_changed[start : start + num_tiles(numels[index], tile_size)]
+    if gate_stats or record:
+        sums = torch.zeros((3, n_tensors), dtype=torch.int64, device=device)
+        for row, per_tile in enumerate((tile_intended, tile_swallowed, tile_checksum)):
+            if per_tile.numel():
+                sums[row].index_add_(0, plan.tile_owner, per_tile.to(torch.int64))
+        for index, result in enumerate(results):
+            if gate_stats:
+                result.intended, result.swallowed = sums[0, index], sums[1, index]
+            if record:
+                result.old_checksum = sums[2, index]
+    if record:
+        tensor_of = torch.cat([r[0] for r in recorded]) if recorded else torch.empty(0, dtype=torch.int64)
+        indices = torch.cat([r[1] for r in recorded]) if recorded else torch.empty(0, dtype=torch.int64)
+        old = torch.cat([r[2] for r in recorded]) if recorded else torch.empty(0, dtype=torch.int16)
+        # Blocks run tensor by tensor, so the changed elements arrive grouped by tensor, sorted.
+        sizes = torch.bincount(tensor_of, minlength=n_tensors).tolist()
+        for result, part_indices, part_old in zip(results, indices.split(sizes), old.split(sizes), strict=True):
+            result.changed_indices, result.old_bits = part_indices, part_old
+    return results
+
+
+def _changed_elements(
+    words: Tensor, old_bits: Tensor, plan: _BlockPlan, first: int, count: int, block: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(tensor index, element index, old bits) of every element the change bit-set marks."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    changed = ((words.unsqueeze(1) >> shifts) & 1).bool().reshape(-1)
+    positions = changed.nonzero().reshape(-1)
+    blocks = positions // block + first
+    tensor_of = plan.block_tensor[blocks].to(torch.int64)
+    element = plan.block_start[blocks] + positions % block
+    return tensor_of, element, old_bits[positions]

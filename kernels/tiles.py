@@ -1,0 +1,56 @@
+"""Tile kernels: count changed elements per tile, pack active tiles densely, apply packed tiles.
+
+Tile geometry is :mod:`sparse_rl_optim.tiles` (tiles are contiguous runs of ``TILE`` elements of a
+flat tensor). The kernels move raw bit patterns (tensors viewed as int16/int32/int64), so one
+kernel serves every dtype and the results are bit-exact by construction.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def count_changed_tiles_kernel(old_bits, new_bits, tile_counts, numel, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """``tile_counts[t] = sum(old_bits[i] != new_bits[i] for i in tile t)``; a program owns
+    ``BLOCK // TILE`` whole tiles."""
+    block = tl.program_id(0).to(tl.int64)
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < numel
+    old = tl.load(old_bits + offsets, mask=inside, other=0)
+    new = tl.load(new_bits + offsets, mask=inside, other=0)
+    changed = (inside & (old != new)).to(tl.int32)
+    TILES: tl.constexpr = BLOCK // TILE
+    tiles = block * TILES + tl.arange(0, TILES)
+    n_tiles = (numel + TILE - 1) // TILE
+    tl.store(tile_counts + tiles, tl.sum(tl.reshape(changed, (TILES, TILE)), axis=1), mask=tiles < n_tiles)
+
+
+@triton.jit
+def pack_tiles_kernel(source, other, tile_slots, packed_ids, packed, numel, XOR: tl.constexpr, TILE: tl.constexpr):
+    """Program ``t`` copies tile ``t`` into row ``tile_slots[t]`` of ``packed`` (and ``t`` into
+    ``packed_ids``) when the slot is not -1. The slots are a prefix sum over the active tiles, so the
+    rows come out sorted by tile id whatever order the programs run in."""
+    tile = tl.program_id(0).to(tl.int64)
+    slot = tl.load(tile_slots + tile)
+    if slot >= 0:
+        offsets = tile * TILE + tl.arange(0, TILE)
+        inside = offsets < numel
+        values = tl.load(source + offsets, mask=inside, other=0)
+        if XOR:
+            values = values ^ tl.load(other + offsets, mask=inside, other=0)
+        tl.store(packed + slot * TILE + tl.arange(0, TILE), values)
+        tl.store(packed_ids + slot, tile)
+
+
+@triton.jit
+def apply_tiles_kernel(target, packed_ids, packed, numel, XOR: tl.constexpr, TILE: tl.constexpr):
+    """Program ``s`` writes row ``s`` of ``packed`` into tile ``packed_ids[s]`` of ``target``
+    (XOR-ing it into the bits when ``XOR``); elements past the end of a partial tile are skipped."""
+    slot = tl.program_id(0).to(tl.int64)
+    tile = tl.load(packed_ids + slot)
+    offsets = tile * TILE + tl.arange(0, TILE)
+    inside = offsets < numel
+    values = tl.load(packed + slot * TILE + tl.arange(0, TILE))
+    if XOR:
+        values = values ^ tl.load(target + offsets, mask=inside, other=0)
+    tl.store(target + offsets, values, mask=inside)
