@@ -9,7 +9,11 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install demo test lint bench clean
+# The GPU check runs on a machine that already has CUDA torch and triton (GPU_PYTHON): it installs
+# only this project there, without dependencies and without the network.
+GPU_PYTHON ?= python3
+
+.PHONY: install demo test lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -35,6 +39,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py $(ARGS)
+
+gpu-check:
+	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
+	$(GPU_PYTHON) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .hypothesis

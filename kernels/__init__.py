@@ -1,8 +1,13 @@
 """Triton kernels, installed as ``sparse_rl_optim.kernels`` (never as a top-level ``kernels``
 module: transformers and bitsandbytes import that name as the Hugging Face kernels hub package).
 
-The fused step, compaction and apply kernels arrive with the Triton issue; the torch reference they
-must match bit for bit is :func:`sparse_rl_optim.optim.sgd._single_tensor_rlsgd`.
+* :mod:`.bits` - Triton mirrors of the bf16 bit math of :mod:`sparse_rl_optim.bf16`;
+* :mod:`.rlsgd_step` - the fused RLSGD step with per-tile gate counts (multi-tensor launches);
+* :mod:`.tiles` - count changed tiles, pack active tiles (prefix-sum slots), apply packed tiles;
+* :mod:`.launch` - the Python launchers (tables, grids, checks).
+
+Users call them through ``RLSGD(backend=...)`` and :mod:`sparse_rl_optim.tiles`. Every kernel is
+tested bit-exact against the torch reference (``_single_tensor_rlsgd``) in Triton's interpreter.
 """
 
 __all__: list[str] = []

@@ -7,6 +7,7 @@ run the kernels on CPU tensors (slow; used by the tests).
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,16 +18,23 @@ from torch import Tensor
 from sparse_rl_optim.bf16 import _GOLDEN, _HASH_MASK
 from sparse_rl_optim.kernels.bits import BF16, FP16, FP32
 from sparse_rl_optim.kernels.rlsgd_step import rlsgd_step_kernel
-from sparse_rl_optim.kernels.tiles import apply_tiles_kernel, count_changed_tiles_kernel, pack_tiles_kernel
+from sparse_rl_optim.kernels.tiles import (
+    apply_tiles_kernel,
+    count_changed_tiles_kernel,
+    pack_block_tiles_kernel,
+    pack_tiles_kernel,
+)
 from sparse_rl_optim.tiles import num_tiles
 
 __all__ = [
     "STEP_DTYPES",
+    "StepReport",
     "TensorStepResult",
     "apply_tiles_triton",
     "block_size",
     "count_changed_tiles_triton",
     "interpreting",
+    "pack_changed_tiles",
     "pack_tiles_triton",
     "rlsgd_step_triton",
 ]
@@ -183,6 +191,18 @@ class TensorStepResult:
     old_checksum: Tensor | None = None
 
 
+@dataclass
+class StepReport:
+    """Per-tensor results of one fused step, plus the launch-wide per-tile change counts in block
+    layout (what :func:`pack_changed_tiles` compacts in one launch)."""
+
+    tensors: list[TensorStepResult]
+    tile_changed: Tensor
+    plan: _BlockPlan
+    tile_size: int
+    block: int
+
+
 def _aligned(tensors: list[Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
@@ -206,7 +226,7 @@ def rlsgd_step_triton(
     count_tiles: bool = False,
     gate_stats: bool = False,
     record: bool = False,
-) -> list[TensorStepResult]:
+) -> StepReport:
     """One fused RLSGD step over contiguous tensors that share device, param dtype and grad dtype.
 
     ``lr``/``decay`` are the fp32 step scalars of :func:`sparse_rl_optim.optim.sgd._step_scalars`;
@@ -311,7 +331,47 @@ def rlsgd_step_triton(
         sizes = torch.bincount(tensor_of, minlength=n_tensors).tolist()
         for result, part_indices, part_old in zip(results, indices.split(sizes), old.split(sizes), strict=True):
             result.changed_indices, result.old_bits = part_indices, part_old
-    return results
+    return StepReport(results, tile_changed, plan, tile_size, block)
+
+
+def pack_changed_tiles(params: list[Tensor], report: StepReport) -> list[tuple[Tensor, Tensor]]:
+    """Compact the tiles a fused step changed, for all its tensors in one launch: slots come from a
+    prefix sum over the launch's per-tile counts (deterministic, sorted by tensor then tile).
+    Returns per tensor ``(tile_ids int64, values [n_active, tile_size])`` (views of one buffer).
+    One host sync: the number of active tiles per tensor, to size the output."""
+    plan, tile_size = report.plan, report.tile_size
+    device = params[0].device
+    active = report.tile_changed != 0
+    slots = torch.cumsum(active, dim=0, dtype=torch.int64) - 1
+    # Active tiles per tensor: the prefix sum at each tensor's last tile slot (one sync for all).
+    tiles_per_block = report.block // tile_size
+    ends = [(plan.first_block[i] * tiles_per_block + num_tiles(p.numel(), tile_size)) for i, p in enumerate(params)]
+    boundary = torch.tensor([end - 1 for end in ends], device=device)
+    totals = (slots[boundary] + 1).tolist() if ends and report.tile_changed.numel() else [0] * len(params)
+    counts = [totals[0]] + [b - a for a, b in itertools.pairwise(totals)] if totals else []
+    n_active = totals[-1] if totals else 0
+    element_size = params[0].element_size()
+    packed_ids = torch.empty(n_active, dtype=torch.int64, device=device)
+    values = torch.empty(n_active, tile_size, dtype=_BITS_DTYPE[element_size], device=device)
+    if n_active:
+        addresses = torch.tensor([p.data_ptr() for p in params] + [p.numel() for p in params], dtype=torch.int64)
+        addresses = addresses.to(device)
+        pack_block_tiles_kernel[(plan.n_blocks,)](
+            addresses[: len(params)],
+            addresses[len(params) :],
+            plan.block_tensor,
+            plan.block_start,
+            torch.where(active, slots, -1),
+            packed_ids,
+            values,
+            ELEMENT_BYTES=element_size,
+            BLOCK=report.block,
+            TILE=tile_size,
+        )
+    result = []
+    for param, ids, rows in zip(params, packed_ids.split(counts), values.split(counts), strict=True):
+        result.append((ids, rows.view(param.dtype)))
+    return result
 
 
 def _changed_elements(

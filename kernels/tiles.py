@@ -54,3 +54,40 @@ def apply_tiles_kernel(target, packed_ids, packed, numel, XOR: tl.constexpr, TIL
     if XOR:
         values = values ^ tl.load(target + offsets, mask=inside, other=0)
     tl.store(target + offsets, values, mask=inside)
+
+
+@triton.jit
+def pack_block_tiles_kernel(
+    addresses,
+    numels,
+    block_tensor,
+    block_start,
+    tile_slots,
+    packed_ids,
+    packed,
+    ELEMENT_BYTES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Multi-tensor pack in the step kernel's block layout: program ``b`` owns the ``BLOCK // TILE``
+    tiles of block ``b`` (of tensor ``block_tensor[b]``) and copies each active one (slot >= 0) into
+    row ``slot`` of ``packed``, its tile id (within its tensor) into ``packed_ids[slot]``. Masked loads
+    of inactive tiles move no memory."""
+    block = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_tensor + block)
+    start = tl.load(block_start + block)
+    numel = tl.load(numels + tensor)
+    if ELEMENT_BYTES == 2:
+        source = tl.load(addresses + tensor).to(tl.pointer_type(tl.int16))
+    elif ELEMENT_BYTES == 4:
+        source = tl.load(addresses + tensor).to(tl.pointer_type(tl.int32))
+    else:
+        source = tl.load(addresses + tensor).to(tl.pointer_type(tl.int64))
+    TILES: tl.constexpr = BLOCK // TILE
+    tile_in_block = tl.arange(0, TILES)
+    slots = tl.load(tile_slots + block * TILES + tile_in_block)
+    element = start + tile_in_block[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    active = (slots >= 0)[:, None]
+    values = tl.load(source + element, mask=active & (element < numel), other=0)
+    tl.store(packed + slots[:, None] * TILE + tl.arange(0, TILE)[None, :], values, mask=active)
+    tl.store(packed_ids + slots, start // TILE + tile_in_block, mask=slots >= 0)

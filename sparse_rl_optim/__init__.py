@@ -3,11 +3,24 @@
 Public API::
 
     from sparse_rl_optim import RLSGD, PrecisionGateTracker
+    from sparse_rl_optim import count_changed_tiles, pack_tiles, apply_tiles  # dense tiles
 """
 
 from sparse_rl_optim.optim import RLSGD, GateStats, optimizer_state_bytes, rlsgd
+from sparse_rl_optim.tiles import PackedTiles, apply_tiles, count_changed_tiles, pack_tiles
 from sparse_rl_optim.tracker import PrecisionGateTracker
 
 __version__ = "0.1.0"
 
-__all__ = ["RLSGD", "GateStats", "PrecisionGateTracker", "__version__", "optimizer_state_bytes", "rlsgd"]
+__all__ = [
+    "RLSGD",
+    "GateStats",
+    "PackedTiles",
+    "PrecisionGateTracker",
+    "__version__",
+    "apply_tiles",
+    "count_changed_tiles",
+    "optimizer_state_bytes",
+    "pack_tiles",
+    "rlsgd",
+]

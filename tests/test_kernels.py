@@ -19,9 +19,9 @@ from reference import bf16_bits, sgd_step_bf16_bits
 
 from sparse_rl_optim import RLSGD, PrecisionGateTracker, rlsgd
 from sparse_rl_optim.bf16 import random_bits16, stochastic_round, stochastic_seed
-from sparse_rl_optim.kernels.launch import _plan_blocks, block_size, rlsgd_step_triton
+from sparse_rl_optim.kernels.launch import _plan_blocks, block_size, pack_changed_tiles, rlsgd_step_triton
 from sparse_rl_optim.optim.sgd import _step_scalars
-from sparse_rl_optim.tiles import DEFAULT_TILE_SIZE, num_tiles
+from sparse_rl_optim.tiles import DEFAULT_TILE_SIZE, PackedTiles, apply_tiles, num_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -40,6 +40,13 @@ def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
     both_nan = (torch.isnan(actual.detach().cpu()) & torch.isnan(expected.detach().cpu())).numpy().reshape(-1)
     mismatch = (_bits(actual) != _bits(expected)) & ~both_nan
     assert not mismatch.any(), f"{int(mismatch.sum())} of {mismatch.size} elements differ"
+
+
+def _gate_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The 16 bits an inference engine sees: stored bf16/fp16 bits, bf16 rounding of fp32."""
+    if tensor.dtype == torch.float32:
+        tensor = tensor.to(torch.bfloat16)
+    return tensor.contiguous().view(torch.int16)
 
 
 def _random(numel: int, dtype: torch.dtype, scale: float, seed: int) -> torch.Tensor:
@@ -141,7 +148,7 @@ def test_tile_counts_equal_naive_diff():
         grad = _random(BLOCK + 70, torch.float32, 1e-3, 4)
         before = param.clone()
         lr, decay = _step_scalars(torch.float32, 0.3, 0.0)
-        (result,) = rlsgd_step_triton(
+        report = rlsgd_step_triton(
             [param],
             [grad],
             None,
@@ -158,6 +165,7 @@ def test_tile_counts_equal_naive_diff():
             count_tiles=True,
             record=True,
         )
+        (result,) = report.tensors
         old_view = before.to(torch.bfloat16).view(torch.int16).cpu().numpy()
         new_view = param.to(torch.bfloat16).view(torch.int16).cpu().numpy()
         changed = old_view != new_view
@@ -168,6 +176,52 @@ def test_tile_counts_equal_naive_diff():
         np.testing.assert_array_equal(result.changed_indices.cpu().numpy(), np.nonzero(changed)[0])
         np.testing.assert_array_equal(result.old_bits.cpu().numpy(), old_view[changed])
         assert int(result.old_checksum) == int(old_view.astype(np.int64).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile_size", [32, 64, 1024])
+def test_step_then_pack_then_apply_rebuilds_the_new_weights(dtype, tile_size):
+    """The step's per-tile counts, compacted for all tensors in one launch (prefix-sum slots), then
+    applied to replicas holding the old weights, reproduce the new weights bit for bit; the packed
+    tiles are exactly the tiles with a changed (gate-view) element, sorted."""
+    sizes = [BLOCK + 77, 5, 1000, 64]
+    params = [_random(n, dtype, 0.05, 20 + i) for i, n in enumerate(sizes)]
+    grads = [_random(n, torch.float32, 2e-4, 30 + i) for i, n in enumerate(sizes)]
+    replicas = [p.clone() for p in params]
+    lr, decay = _step_scalars(torch.float32, 0.5, 0.0)
+    report = rlsgd_step_triton(
+        params,
+        grads,
+        None,
+        [False] * 4,
+        lr=lr,
+        decay=decay,
+        momentum=0.0,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        stochastic=False,
+        seeds=[0] * 4,
+        tile_size=tile_size,
+        count_tiles=True,
+    )
+    packed = pack_changed_tiles(params, report)
+    for param, replica, result, (tile_ids, values) in zip(params, replicas, report.tensors, packed, strict=True):
+        changed = (_gate_bits(replica) != _gate_bits(param)).cpu()
+        padded = torch.zeros(num_tiles(param.numel(), tile_size) * tile_size, dtype=torch.bool)
+        padded[: param.numel()] = changed
+        expected_ids = padded.view(-1, tile_size).any(dim=1).nonzero().reshape(-1)
+        assert torch.equal(tile_ids.cpu(), expected_ids)
+        assert torch.equal(result.tile_changed.cpu(), padded.view(-1, tile_size).sum(dim=1, dtype=torch.int32))
+        stale = replica.clone()
+        apply_tiles(replica, PackedTiles(tile_ids, values, param.numel(), tuple(param.shape), tile_size))
+        if dtype != torch.float32:  # fp32 weights can change below the bf16 gate view: not packed
+            _assert_same_bits(replica, param)
+        outside = torch.ones(num_tiles(param.numel(), tile_size), dtype=torch.bool)
+        outside[expected_ids] = False
+        untouched = outside.repeat_interleave(tile_size)[: param.numel()].to(DEVICE)
+        _assert_same_bits(replica[untouched], stale[untouched])
+    assert sum(ids.numel() for ids, _ in packed) > 0
 
 
 def test_nonfinite_gradients_behave_as_the_reference():

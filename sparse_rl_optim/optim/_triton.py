@@ -120,7 +120,7 @@ def triton_rlsgd(
                     )
                     first_step[position] = True
                 buffers.append(momentum_buffers[slot])
-        results = rlsgd_step_triton(
+        report = rlsgd_step_triton(
             [params[slot].detach() for slot in slots],
             [grads[slot] for slot in slots],
             buffers,
@@ -137,7 +137,7 @@ def triton_rlsgd(
             gate_stats=collect_gate_stats or record_changes,
             record=record_changes,
         )
-        for slot, result in zip(slots, results, strict=True):
+        for slot, result in zip(slots, report.tensors, strict=True):
             stats[slot] = GateStats(
                 intended=result.intended,
                 swallowed=result.swallowed,
