@@ -203,6 +203,21 @@ class StepReport:
     block: int
 
 
+_TABLES: dict[tuple[torch.device, tuple[int, ...]], Tensor] = {}
+
+
+def _device_table(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """The launch table as an int64 device tensor, cached by content: params and (usually) grads
+    keep their storage from step to step, so a steady-state step uploads nothing."""
+    key = (device, values)
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= 16:
+            _TABLES.clear()
+        table = _TABLES[key] = torch.tensor(values, dtype=torch.int64).to(device)
+    return table
+
+
 def _aligned(tensors: list[Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
@@ -245,16 +260,16 @@ def rlsgd_step_triton(
     buffers = momentum_buffers if has_momentum else params
     addresses = [p.data_ptr() for p in params] + [g.data_ptr() for g in grads] + [b.data_ptr() for b in buffers]
     seed_mixes = [(seed * _GOLDEN) & _HASH_MASK for seed in seeds]
-    table = torch.tensor(
-        [
+    table = _device_table(
+        (
             *addresses,
             *numels,
             *seed_mixes,
             *(stream_offsets or [0] * n_tensors),
             *[int(flag) for flag in first_step],
-        ],
-        dtype=torch.int64,
-    ).to(device)
+        ),
+        device,
+    )
     param_addresses, grad_addresses, buffer_addresses, numel_table, seed_table, offset_table, first_table = table.split(
         n_tensors
     )

@@ -81,7 +81,9 @@ def rlsgd_step_kernel(
 ):
     block = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor + block)
-    start = tl.load(block_start + block)  # int64: element offsets are safe beyond 2**31
+    # int64, so element offsets are safe beyond 2**31; a multiple of BLOCK by construction (the hint
+    # lets the compiler vectorise the loads).
+    start = tl.multiple_of(tl.load(block_start + block), BLOCK)
     numel = tl.load(numels + tensor)
     local = tl.arange(0, BLOCK)
     offsets = start + local

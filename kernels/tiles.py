@@ -75,7 +75,7 @@ def pack_block_tiles_kernel(
     of inactive tiles move no memory."""
     block = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor + block)
-    start = tl.load(block_start + block)
+    start = tl.multiple_of(tl.load(block_start + block), BLOCK)
     numel = tl.load(numels + tensor)
     if ELEMENT_BYTES == 2:
         source = tl.load(addresses + tensor).to(tl.pointer_type(tl.int16))

@@ -55,12 +55,16 @@ def bits_view_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def gate_view_bits(tensor: Tensor) -> Tensor:
     """The 16-bit pattern an inference engine sees, as int16: the stored bits of bf16/fp16 tensors
-    (a view, no copy) and ``bits(bf16_rtne(x))`` for fp32/fp64 tensors (a new tensor)."""
+    (a view, no copy) and ``bits(bf16_rtne(x))`` for fp32/fp64 tensors (a new tensor; every NaN
+    maps to the canonical quiet NaN ``0x7FC0``)."""
     if tensor.dtype in _LOW_PRECISION:
         return tensor.view(torch.int16) if tensor.is_contiguous() else tensor.contiguous().view(torch.int16)
     if not tensor.is_floating_point():
         raise TypeError(f"gate_view_bits needs a floating-point tensor, got {tensor.dtype}")
-    return tensor.to(torch.bfloat16).view(torch.int16)
+    bits = tensor.to(torch.bfloat16).view(torch.int16)
+    # torch's vectorised and scalar conversions give NaN different patterns (0xFFFF, 0x7FC0): one
+    # canonical NaN, so every path (and the kernels) agree on "changed".
+    return torch.where(torch.isnan(tensor), torch.tensor(_BF16_CANONICAL_NAN, dtype=torch.int16), bits)
 
 
 def bf16_ulp(weight: Tensor) -> Tensor:

@@ -193,10 +193,15 @@ def pack_tiles(
     n_tiles = num_tiles(tensor.numel(), tile_size)
     if xor_with is not None:
         _check_same_layout(tensor, xor_with)
-    if tile_counts is not None and tile_counts.numel() != n_tiles:
-        raise ValueError(f"tile_counts has {tile_counts.numel()} entries, the tensor has {n_tiles} tiles")
+    if tile_counts is not None and (tile_counts.dim() != 1 or tile_counts.numel() != n_tiles):
+        raise ValueError(
+            f"tile_counts has {tile_counts.numel()} entries (shape {tuple(tile_counts.shape)}), "
+            f"the tensor has {n_tiles} tiles: pass a 1-D tensor with one entry per tile"
+        )
     if tile_ids is not None:
         tile_ids = tile_ids.to(device=tensor.device, dtype=torch.int64)
+        if tile_ids.dim() != 1:
+            raise ValueError(f"tile_ids must be a 1-D tensor, got shape {tuple(tile_ids.shape)}")
         if tile_ids.numel() and (
             int(tile_ids.min()) < 0 or int(tile_ids.max()) >= n_tiles or bool((tile_ids.diff() <= 0).any())
         ):
