@@ -46,6 +46,7 @@ _DEFAULTS: dict[str, Any] = {
     "maximize": False,
     "rounding": "nearest",
     "foreach": None,
+    "fused": None,
     "backend": "auto",
 }
 
@@ -120,6 +121,10 @@ class RLSGD(Optimizer):
         rounding: ``"nearest"`` or ``"stochastic"``.
         foreach: on the torch backend, ``False`` runs the single-tensor reference; ``None`` (default)
             or ``True`` the multi-tensor path (bounded fp32 scratch memory, bit-equal to the reference).
+        fused: on the torch backend, ``True`` runs a ``torch.compile``-generated fused kernel (one
+            pass per tensor, bit-equal to the reference; the first step compiles for a few seconds;
+            falls back to ``foreach`` with a warning where torch.compile cannot run). Like
+            ``torch.optim``, ``fused`` and ``foreach`` cannot both be ``True``.
         backend: ``"auto"`` (default) runs the fused Triton kernel on CUDA tensors and torch
             elsewhere; ``"torch"`` always torch; ``"triton"`` always the kernel (on CPU tensors only
             under ``TRITON_INTERPRET=1``, otherwise a clear error). The kernel is bit-equal to the
@@ -140,9 +145,12 @@ class RLSGD(Optimizer):
         maximize: bool = False,
         rounding: str = "nearest",
         foreach: bool | None = None,
+        fused: bool | None = None,
         backend: str = "auto",
     ) -> None:
         _validate_hyperparameters(lr, momentum, dampening, nesterov, weight_decay, rounding, backend)
+        if fused and foreach:
+            raise ValueError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -152,6 +160,7 @@ class RLSGD(Optimizer):
             maximize=maximize,
             rounding=rounding,
             foreach=foreach,
+            fused=fused,
             backend=backend,
         )
         super().__init__(params, defaults)
@@ -276,6 +285,7 @@ class RLSGD(Optimizer):
                 maximize=group["maximize"],
                 rounding=group["rounding"],
                 foreach=group["foreach"],
+                fused=group["fused"],
                 backend=group["backend"],
                 collect_gate_stats=self.gate_stats_enabled,
                 record_changes=self.gate_changes_enabled,
@@ -291,15 +301,17 @@ class RLSGD(Optimizer):
         """Bytes held in optimizer state tensors (0 with ``momentum=0``)."""
         return optimizer_state_bytes(self)
 
-    def reports_gate_changes(self, param: Tensor) -> bool:
-        """Whether a step records ``param``'s changed elements in :attr:`gate_stats` (the Triton
-        path with ``gate_changes_enabled``), so a tracker need not snapshot it."""
+    def gate_change_param_ids(self) -> set[int]:
+        """``id()`` of the params whose changed elements a step records in :attr:`gate_stats` (the
+        Triton path with ``gate_changes_enabled``), so a tracker need not snapshot them."""
         if not self.gate_changes_enabled:
-            return False
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                return _resolve_backend(group["backend"], [param]) == "triton"
-        return False
+            return set()
+        return {
+            id(param)
+            for group in self.param_groups
+            if _resolve_backend(group["backend"], group["params"]) == "triton"
+            for param in group["params"]
+        }
 
 
 def _validate_hyperparameters(
@@ -383,6 +395,7 @@ def rlsgd(
     maximize: bool = False,
     rounding: str = "nearest",
     foreach: bool | None = None,
+    fused: bool | None = None,
     backend: str = "auto",
     collect_gate_stats: bool = False,
     record_changes: bool = False,
@@ -392,11 +405,13 @@ def rlsgd(
     when ``collect_gate_stats`` (or ``record_changes``, which on the Triton path adds the kernel's
     per-tile change counts and the changed elements).
 
-    ``backend``: see :class:`RLSGD`. On the torch backend ``foreach=False`` runs the single-tensor
-    reference; ``True`` or ``None`` (the default) the multi-tensor path, which works through fp32
-    scratch buffers of bounded size (so the transient memory of a step does not grow with the model)
-    and is tested bit-equal to the reference.
+    ``backend``: see :class:`RLSGD`. On the torch backend ``fused=True`` runs the compiled fused
+    kernel, ``foreach=False`` the single-tensor reference, and otherwise (the default) the
+    multi-tensor path, which works through fp32 scratch buffers of bounded size (so the transient
+    memory of a step does not grow with the model). Every path is tested bit-equal to the reference.
     """
+    if fused and foreach:
+        raise ValueError("`fused` and `foreach` cannot be `True` together.")
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"Unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
     if backend not in BACKENDS:
@@ -428,7 +443,12 @@ def rlsgd(
             collect_gate_stats=collect_gate_stats,
             record_changes=record_changes,
         )
-    fn = _multi_tensor_rlsgd if foreach else _single_tensor_rlsgd
+    if fused:
+        from sparse_rl_optim.optim._compiled import _compiled_rlsgd
+
+        fn = _compiled_rlsgd
+    else:
+        fn = _multi_tensor_rlsgd if foreach else _single_tensor_rlsgd
     return fn(
         params,
         grads,

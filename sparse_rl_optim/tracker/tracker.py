@@ -38,6 +38,14 @@ def _checksum(bits: Tensor) -> Tensor:
     return torch.stack([chunk.sum(dtype=torch.int64) for chunk in bits.split(_CHECKSUM_CHUNK)]).sum()
 
 
+def _to_host(rows: list[Tensor]) -> list[list[int]]:
+    """Rows of small int tensors as Python lists, with one device-to-host copy per device."""
+    if not rows:
+        return []
+    device = rows[0].device
+    return torch.stack([row.to(device) for row in rows]).cpu().tolist()
+
+
 def _name_list(names: list[str], shown: int = 5) -> str:
     """The first ``shown`` names, comma-separated, with ``...`` when there are more."""
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
@@ -202,14 +210,15 @@ class PrecisionGateTracker:
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         snapshot_bytes = 0
         moved: list[Tensor] = []
-        reports_changes = getattr(optimizer, "reports_gate_changes", None)
+        reported = getattr(optimizer, "gate_change_param_ids", None)
+        kernel_fed_ids = reported() if reported is not None else set()
         for tracked in self._params:
             tracked.before = None
-            tracked.kernel_fed = reports_changes is not None and reports_changes(tracked.param)
+            tracked.kernel_fed = id(tracked.param) in kernel_fed_ids
             if tracked.kernel_fed:
                 # The step kernel reports the changed elements, their old bits and a checksum of the
                 # old bits: no snapshot, no extra read of the weights.
-                moved.append(torch.zeros((), dtype=torch.bool))
+                moved.append(torch.zeros((), dtype=torch.bool, device=tracked.param.device))
                 continue
             tracked.before = tracked.bits().clone()
             snapshot_bytes += tracked.before.numel() * tracked.before.element_size()
@@ -220,7 +229,7 @@ class PrecisionGateTracker:
             moved.append(before_checksum != tracked.checksum)
             tracked.checksum = before_checksum
         # Read in the post-hook together with the counts: one host sync per step.
-        self._moved_outside_step = [flag.cpu() for flag in moved]
+        self._moved_outside_step = moved
         self._peak_snapshot_bytes = max(self._peak_snapshot_bytes, snapshot_bytes)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -261,20 +270,21 @@ class PrecisionGateTracker:
                         tracked.reference.count_differing(after),
                         tracked.since_sync.count_differing(after),
                         became_nonfinite,
+                        self._moved_outside_step[position].to(torch.int64),
                     ]
-                ).cpu()
+                )
             )
             if stats is not None:  # params without a gradient this step had no intended update
-                intended.append(stats.intended.reshape(()).cpu())
-                swallowed.append(stats.swallowed.reshape(()).cpu())
-        table = torch.stack(counts).tolist()  # one host sync per step, not one per tensor
+                intended.append(stats.intended.reshape(()))
+                swallowed.append(stats.swallowed.reshape(()))
+        table = _to_host(counts)  # one host sync per step, not one per tensor
+        gate_totals = _to_host([torch.stack([a, b]) for a, b in zip(intended, swallowed, strict=True)])
         has_gate_stats = bool(getattr(optimizer, "gate_stats_enabled", False))
-        moved_flags = torch.stack(self._moved_outside_step).tolist()
-        moved_outside = [t.name for t, moved in zip(self._params, moved_flags, strict=True) if moved]
+        moved_outside = [t.name for t, row in zip(self._params, table, strict=True) if row[4]]
         record = self._make_record(
             table,
-            sum(int(x) for x in intended) if has_gate_stats else None,
-            sum(int(x) for x in swallowed) if has_gate_stats else None,
+            sum(row[0] for row in gate_totals) if has_gate_stats else None,
+            sum(row[1] for row in gate_totals) if has_gate_stats else None,
         )
         record["changed_outside_step"] = moved_outside
         if moved_outside:
@@ -306,14 +316,14 @@ class PrecisionGateTracker:
             empty = torch.empty(0, dtype=torch.int64, device=device)
             return empty, torch.empty(0, dtype=torch.int16, device=device), torch.zeros((), dtype=torch.int64)
         if tracked.checksum is not None:
-            self._moved_outside_step[position] = (stats.old_checksum != tracked.checksum).cpu()
+            self._moved_outside_step[position] = stats.old_checksum != tracked.checksum
             tracked.checksum = stats.old_checksum
         return stats.changed_indices, stats.old_bits, stats.tile_changed.sum(dtype=torch.int64)
 
     def _make_record(self, table: list[list[int]], intended: int | None, swallowed: int | None) -> dict[str, Any]:
         by_kind: dict[str, dict[str, int]] = {}
         by_layer: dict[str, dict[str, int]] = {}
-        for tracked, (changed, cumulative, _since_sync, _) in zip(self._params, table, strict=True):
+        for tracked, (changed, cumulative, *_) in zip(self._params, table, strict=True):
             for groups, key in ((by_kind, tracked.kind), (by_layer, str(tracked.layer))):
                 entry = groups.setdefault(key, {"changed": 0, "cumulative_changed": 0, "total": 0})
                 entry["changed"] += changed
