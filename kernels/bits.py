@@ -112,14 +112,43 @@ def fp32_to_fp16_bits_stochastic(x, random16):
 
 
 @triton.jit
-def load_as_fp32(ptr, offsets, mask, KIND: tl.constexpr):
-    """Load elements of a bf16/fp16/fp32 tensor (typed pointer of the storage) as fp32, exactly;
-    also returns the stored pattern (uint32; the low 16 bits for bf16/fp16)."""
+def element_pointers(address, offsets, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed pointers to ``offsets`` of the tensor at integer ``address``. With ``ALIGNED`` (the
+    launcher checked a 16-byte aligned address; blocks start at multiples of BLOCK) the hints tell
+    the compiler that runs of 16 elements are contiguous and 16-byte aligned: vector loads/stores."""
+    pointers = address.to(tl.pointer_type(DTYPE)) + offsets
+    if ALIGNED:
+        pointers = tl.max_contiguous(tl.multiple_of(pointers, 16), 16)
+    return pointers
+
+
+@triton.jit
+def masked_load(pointers, mask, other):
+    """``tl.load`` that takes ``mask=None`` for a full block (Triton refuses ``other`` without a mask)."""
+    if mask is None:
+        return tl.load(pointers)
+    else:
+        return tl.load(pointers, mask=mask, other=other)
+
+
+@triton.jit
+def masked_store(pointers, values, mask):
+    if mask is None:
+        tl.store(pointers, values)
+    else:
+        tl.store(pointers, values, mask=mask)
+
+
+@triton.jit
+def load_as_fp32(address, offsets, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+    """Load elements of a bf16/fp16/fp32 tensor at integer ``address`` as fp32, exactly; also
+    returns the stored pattern (uint32; the low 16 bits for bf16/fp16). ``mask`` may be None (a
+    full block: no predication, so the loads vectorise)."""
     if KIND == FP32:
-        value = tl.load(ptr.to(tl.pointer_type(tl.float32)) + offsets, mask=mask, other=0.0)
+        value = masked_load(element_pointers(address, offsets, tl.float32, ALIGNED), mask, 0.0)
         return value, value.to(tl.uint32, bitcast=True)
     else:
-        bits = tl.load(ptr.to(tl.pointer_type(tl.uint16)) + offsets, mask=mask, other=0).to(tl.uint32)
+        bits = masked_load(element_pointers(address, offsets, tl.uint16, ALIGNED), mask, 0).to(tl.uint32)
         if KIND == BF16:
             return bf16_bits_to_fp32(bits), bits
         else:

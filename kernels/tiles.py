@@ -20,9 +20,8 @@ def count_changed_tiles_kernel(old_bits, new_bits, tile_counts, numel, BLOCK: tl
     new = tl.load(new_bits + offsets, mask=inside, other=0)
     changed = (inside & (old != new)).to(tl.int32)
     TILES: tl.constexpr = BLOCK // TILE
-    tiles = block * TILES + tl.arange(0, TILES)
-    n_tiles = (numel + TILE - 1) // TILE
-    tl.store(tile_counts + tiles, tl.sum(tl.reshape(changed, (TILES, TILE)), axis=1), mask=tiles < n_tiles)
+    tiles = block * TILES + tl.arange(0, TILES)  # int64: no overflow near 2**31 elements
+    tl.store(tile_counts + tiles, tl.sum(tl.reshape(changed, (TILES, TILE)), axis=1), mask=tiles * TILE < numel)
 
 
 @triton.jit
@@ -49,7 +48,7 @@ def apply_tiles_kernel(target, packed_ids, packed, numel, XOR: tl.constexpr, TIL
     slot = tl.program_id(0).to(tl.int64)
     tile = tl.load(packed_ids + slot)
     offsets = tile * TILE + tl.arange(0, TILE)
-    inside = offsets < numel
+    inside = (offsets >= 0) & (offsets < numel)  # apply_tiles validated the ids; never write outside
     values = tl.load(packed + slot * TILE + tl.arange(0, TILE))
     if XOR:
         values = values ^ tl.load(target + offsets, mask=inside, other=0)

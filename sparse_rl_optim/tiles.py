@@ -24,12 +24,12 @@ torch reference otherwise; both give identical results.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from sparse_rl_optim._backend import check_triton_available, resolve_backend
 from sparse_rl_optim.bf16 import gate_view_bits
 
 __all__ = [
@@ -117,18 +117,10 @@ class PackedTiles:
 
 
 def _use_triton(backend: str, *tensors: Tensor) -> bool:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "torch":
+    if resolve_backend(backend, list(tensors)) == "torch":
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
-    if backend == "auto":
-        return on_cuda
-    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before sparse_rl_optim is "
-            "imported to run the kernels on the CPU (slow; for tests). Use backend='torch' or 'auto'."
-        )
+    for device in {t.device for t in tensors}:
+        check_triton_available(device, "backend='triton'")
     return True
 
 
@@ -199,13 +191,7 @@ def pack_tiles(
             f"the tensor has {n_tiles} tiles: pass a 1-D tensor with one entry per tile"
         )
     if tile_ids is not None:
-        tile_ids = tile_ids.to(device=tensor.device, dtype=torch.int64)
-        if tile_ids.dim() != 1:
-            raise ValueError(f"tile_ids must be a 1-D tensor, got shape {tuple(tile_ids.shape)}")
-        if tile_ids.numel() and (
-            int(tile_ids.min()) < 0 or int(tile_ids.max()) >= n_tiles or bool((tile_ids.diff() <= 0).any())
-        ):
-            raise ValueError(f"tile_ids must be sorted, distinct and in [0, {n_tiles})")
+        tile_ids = _check_tile_ids(tile_ids.to(tensor.device), n_tiles)
     source = tensor.detach().contiguous().reshape(-1)
     other = xor_with.detach().contiguous().reshape(-1) if xor_with is not None else None
     if _use_triton(backend, tensor):
@@ -232,9 +218,29 @@ def _pack_reference(source: Tensor, other: Tensor | None, tile_ids: Tensor, tile
     return values
 
 
+_BITS_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bits_dtype(dtype: torch.dtype) -> torch.dtype:
-    sizes = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return sizes[torch.empty(0, dtype=dtype).element_size()]
+    """The integer dtype of the same width, to move raw bit patterns."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    if size not in _BITS_DTYPES or dtype.is_complex:
+        raise TypeError(f"tile operations move 1-, 2-, 4- or 8-byte real elements, not {dtype}")
+    return _BITS_DTYPES[size]
+
+
+def _check_tile_ids(tile_ids: Tensor, n_tiles: int) -> Tensor:
+    """``tile_ids`` as int64 after checking they are 1-D, sorted, distinct and in ``[0, n_tiles)``."""
+    if tile_ids.dim() != 1:
+        raise ValueError(f"tile_ids must be a 1-D tensor, got shape {tuple(tile_ids.shape)}")
+    if tile_ids.is_floating_point() or tile_ids.is_complex() or tile_ids.dtype == torch.bool:
+        raise TypeError(f"tile_ids must be integers, got {tile_ids.dtype}")
+    tile_ids = tile_ids.to(torch.int64)
+    if tile_ids.numel() and (
+        int(tile_ids.min()) < 0 or int(tile_ids.max()) >= n_tiles or bool((tile_ids.diff() <= 0).any())
+    ):
+        raise ValueError(f"tile_ids must be sorted, distinct and in [0, {n_tiles})")
+    return tile_ids
 
 
 def apply_tiles(replica: Tensor, packed: PackedTiles, *, backend: str = "auto") -> Tensor:
@@ -247,9 +253,17 @@ def apply_tiles(replica: Tensor, packed: PackedTiles, *, backend: str = "auto") 
         )
     if not replica.is_contiguous():
         raise ValueError("apply_tiles needs a contiguous replica (tiles are runs of its flat storage)")
+    check_tile_size(packed.tile_size)
+    if packed.numel != replica.numel():
+        raise ValueError(f"packed.numel is {packed.numel}, the replica has {replica.numel()} elements")
+    tile_ids = _check_tile_ids(packed.tile_ids.to(replica.device), num_tiles(replica.numel(), packed.tile_size))
+    if tuple(packed.values.shape) != (tile_ids.numel(), packed.tile_size):
+        raise ValueError(
+            f"packed.values has shape {tuple(packed.values.shape)}, expected "
+            f"({tile_ids.numel()}, {packed.tile_size}): one row of tile_size values per tile id"
+        )
     target = replica.detach().view(-1)
     values = packed.values.to(replica.device)
-    tile_ids = packed.tile_ids.to(replica.device)
     if _use_triton(backend, replica):
         from sparse_rl_optim.kernels.launch import apply_tiles_triton
 

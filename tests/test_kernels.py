@@ -214,7 +214,8 @@ def test_step_then_pack_then_apply_rebuilds_the_new_weights(dtype, tile_size):
         assert torch.equal(tile_ids.cpu(), expected_ids)
         assert torch.equal(result.tile_changed.cpu(), padded.view(-1, tile_size).sum(dim=1, dtype=torch.int32))
         stale = replica.clone()
-        apply_tiles(replica, PackedTiles(tile_ids, values, param.numel(), tuple(param.shape), tile_size))
+        packed_tiles = PackedTiles(tile_ids, values, param.numel(), tuple(param.shape), tile_size)
+        apply_tiles(replica, packed_tiles, backend="triton")
         if dtype != torch.float32:  # fp32 weights can change below the bf16 gate view: not packed
             _assert_same_bits(replica, param)
         outside = torch.ones(num_tiles(param.numel(), tile_size), dtype=torch.bool)
@@ -244,15 +245,15 @@ def test_non_contiguous_and_empty_and_fp64_params_take_the_reference():
         base.t(),
         _random(0, torch.bfloat16, 1.0, 8),
         _random(100, torch.float64, 0.05, 9),
-        _random(65, torch.bfloat16, 0.05, 10),
+        _random(65, torch.bfloat16, 0.05, 10).view(5, 13),
     ]
     grads = [
         _random(64 * 33, torch.bfloat16, 0.02, 11).view(33, 64),
         _random(0, torch.bfloat16, 1.0, 12),
         _random(100, torch.float64, 0.02, 13),
-        _random(65, torch.bfloat16, 0.02, 14).view(5, 13).t().reshape(-1),
+        _random(65, torch.bfloat16, 0.02, 14).view(13, 5).t(),
     ]
-    assert not params[0].is_contiguous()
+    assert not params[0].is_contiguous() and not grads[3].is_contiguous()
     ref, ker, *_ = _run_both(params, grads, lr=0.2, momentum=0.5, rounding="stochastic")
     for r, k in zip(ref, ker, strict=True):
         assert k.shape == r.shape
@@ -321,7 +322,7 @@ def test_block_plan_int64_beyond_2_31():
     """The launch tables hold int64 element offsets: a 2**33-element tensor's last block starts past
     2**32 (planned without allocating the tensor)."""
     numel = 2**33 + 5
-    plan = _plan_blocks((7, numel), BLOCK, 64, torch.device("cpu"))
+    plan = _plan_blocks((7, numel), BLOCK, torch.device("cpu"))
     assert plan.block_start.dtype == torch.int64
     assert int(plan.block_start[-1]) == ((numel - 1) // BLOCK) * BLOCK
     assert int(plan.block_tensor[-1]) == 1 and plan.first_block == [0, 1]
@@ -429,7 +430,10 @@ def test_backend_errors(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         RLSGD([param], lr=0.1, backend="cuda")
     if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        import sparse_rl_optim.kernels.launch as launch
+
+        # As if the kernels had been imported without TRITON_INTERPRET=1 (Triton reads it then).
+        monkeypatch.setattr(launch, "_INTERPRETING", False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             RLSGD([param], lr=0.1, backend="triton")
         param.grad = torch.ones_like(param)
@@ -444,3 +448,100 @@ def test_backend_errors(monkeypatch):
 def test_interpreter_is_what_runs_here():
     if DEVICE == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _step_report(params, grads, tile_size=64, **flags):
+    lr, decay = _step_scalars(torch.float32, 0.5, 0.0)
+    return rlsgd_step_triton(
+        params,
+        grads,
+        None,
+        [False] * len(params),
+        lr=lr,
+        decay=decay,
+        momentum=0.0,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        stochastic=False,
+        seeds=[0] * len(params),
+        tile_size=tile_size,
+        **flags,
+    )
+
+
+def test_pack_changed_tiles_with_empty_tensors_anywhere():
+    """Empty tensors (first, middle, last) own no tiles; every other tensor gets its own tiles."""
+    sizes = [0, 1000, 0, 300, 0]
+    params = [_random(n, torch.bfloat16, 0.05, 40 + i) for i, n in enumerate(sizes)]
+    grads = [_random(n, torch.float32, 2e-4, 50 + i) for i, n in enumerate(sizes)]
+    replicas = [p.clone() for p in params]
+    report = _step_report(params, grads, count_tiles=True)
+    packed = pack_changed_tiles(params, report)
+    for param, replica, (tile_ids, values) in zip(params, replicas, packed, strict=True):
+        assert tile_ids.numel() == values.shape[0] <= num_tiles(param.numel(), 64)
+        apply_tiles(replica, PackedTiles(tile_ids, values, param.numel(), tuple(param.shape), 64), backend="triton")
+        _assert_same_bits(replica, param)
+    assert packed[1][0].numel() > 0 and packed[3][0].numel() > 0
+    with pytest.raises(ValueError, match="count_tiles"):
+        pack_changed_tiles(params, _step_report(params, grads))
+    with pytest.raises(ValueError, match="in its order"):
+        pack_changed_tiles(params[::-1], report)
+
+
+def test_record_over_several_launches_equals_one(monkeypatch):
+    """The tracker's record mode splits a step into launches of bounded size; the recorded changes
+    are the same as in one launch."""
+    import sparse_rl_optim.kernels.launch as launch
+
+    params = [_random(n, torch.bfloat16, 0.05, 60 + i) for i, n in enumerate([3 * BLOCK + 9, 17, BLOCK])]
+    grads = [_random(p.numel(), torch.float32, 2e-4, 70 + i) for i, p in enumerate(params)]
+    copies = [p.clone() for p in params]
+    whole = _step_report(params, grads, record=True, gate_stats=True)
+    monkeypatch.setattr(launch, "_RECORD_ELEMENTS", BLOCK)
+    split = _step_report(copies, grads, record=True, gate_stats=True)
+    for a, b in zip(whole.tensors, split.tensors, strict=True):
+        for field in ("tile_changed", "changed_indices", "old_bits", "old_checksum", "intended", "swallowed"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert sum(r.changed_indices.numel() for r in whole.tensors) > 0
+
+
+def test_skipping_unchanged_writes_changes_nothing_but_traffic():
+    params = [_random(BLOCK + 3, torch.bfloat16, 0.05, 80)]
+    grads = [_random(BLOCK + 3, torch.float32, 2e-4, 81)]
+    copy = [params[0].clone()]
+    _step_report(params, grads, skip_unchanged_writes=True)
+    _step_report(copy, grads, skip_unchanged_writes=False)
+    _assert_same_bits(params[0], copy[0])
+
+
+def test_mismatched_grad_size_is_torch_s_error():
+    param = _random(100, torch.bfloat16, 0.05, 90)
+    with pytest.raises(RuntimeError):
+        rlsgd([param], [_random(10, torch.bfloat16, 0.02, 91)], [None], lr=0.1, backend="triton")
+
+
+def test_tracker_kernel_fed_with_params_without_grads_and_edits():
+    """A param without a gradient is snapshotted (the kernel does not see it): edits to it between
+    steps are reported at the next step, as on the torch backend."""
+    histories = {}
+    for backend in ("torch", "triton"):
+        model = _model(torch.bfloat16)
+        optimizer = RLSGD(model.parameters(), lr=0.5, backend=backend)
+        tracker = PrecisionGateTracker(model).attach(optimizer)
+        generator = torch.Generator().manual_seed(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for step in range(4):
+                inputs = torch.randn(8, 48, generator=generator).to(torch.bfloat16).to(DEVICE)
+                model(inputs).float().pow(2).mean().backward()
+                if step in (1, 2):
+                    model[2].weight.grad = None  # no gradient this step
+                optimizer.step()
+                optimizer.zero_grad()
+                if step in (0, 1):
+                    with torch.no_grad():
+                        model[2].weight[0, 0] += 1.0
+        histories[backend] = tracker.history
+    assert histories["torch"] == histories["triton"]
+    assert [r["changed_outside_step"] for r in histories["triton"]] == [[], ["2.weight"], ["2.weight"], []]

@@ -662,6 +662,11 @@ def test_invalid_backend_names_are_rejected():
 
 @pytest.mark.parametrize("setting", [None, "0", "", "true"])
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch, setting):
+    """Kernels decorated without TRITON_INTERPRET=1 cannot take CPU tensors: a clear error. (Triton
+    reads the variable when the kernels are imported; the launch module records it then.)"""
+    import sparse_rl_optim.kernels.launch as launch
+
+    monkeypatch.setattr(launch, "_INTERPRETING", setting == "1")
     if setting is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:

@@ -7,31 +7,13 @@ run the torch reference one at a time, and report the same fields, so callers ne
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from sparse_rl_optim.bf16 import compute_dtype, gate_view_bits, stochastic_seed
 from sparse_rl_optim.tiles import DEFAULT_TILE_SIZE, _sum_per_tile
 
-__all__ = ["check_triton_available", "triton_rlsgd"]
-
-
-def check_triton_available(device: torch.device) -> None:
-    """Raise a clear error if the Triton path cannot run on ``device``."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:  # pragma: no cover - triton ships with torch on Linux
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)") from error
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "RLSGD(backend='triton') got CPU tensors: the Triton kernels run on CUDA devices, or on the "
-            "CPU under the Triton interpreter (set TRITON_INTERPRET=1 before importing sparse_rl_optim; "
-            "slow, for tests). Use backend='auto' or 'torch' on the CPU."
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"RLSGD(backend='triton') runs on CUDA devices, not on {device.type!r}")
+__all__ = ["triton_rlsgd"]
 
 
 def triton_rlsgd(
@@ -72,7 +54,11 @@ def triton_rlsgd(
             and grad.dtype in STEP_DTYPES
             and param.is_contiguous()
             and grad.is_contiguous()
-            and (buffer is None or (buffer.dtype == torch.float32 and buffer.is_contiguous()))
+            and grad.shape == param.shape  # else the reference raises torch's error
+            and (
+                buffer is None
+                or (buffer.dtype == torch.float32 and buffer.is_contiguous() and buffer.shape == param.shape)
+            )
         ):
             groups.setdefault((param.device, param.dtype, grad.dtype), []).append(slot)
         else:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sparse_rl_optim._backend import check_backend, check_triton_available, resolve_backend
 from sparse_rl_optim._warnings import warn
 from sparse_rl_optim.bf16 import (
     compute_dtype,
@@ -31,7 +32,6 @@ from sparse_rl_optim.optim.memory import optimizer_state_bytes
 __all__ = ["RLSGD", "GateStats", "rlsgd"]
 
 ROUNDING_MODES = ("nearest", "stochastic")
-BACKENDS = ("auto", "torch", "triton")
 
 #: Below this lr RLSGD warns: an AdamW-scale lr (~1e-6) times an RL gradient is far below half a
 #: bf16 ulp of almost every weight, so SGD would leave the bf16 model bit-identical.
@@ -62,8 +62,9 @@ class GateStats:
     On the Triton path with ``record_changes`` (what :class:`~sparse_rl_optim.PrecisionGateTracker`
     asks for), also from the step kernel: ``tile_changed`` (int32 per tile of
     :mod:`sparse_rl_optim.tiles`, elements whose gate view changed), ``changed_indices`` (flat int64,
-    sorted), ``old_bits`` (their int16 gate-view bits before the step) and ``old_checksum`` (int64 sum
-    of all int16 gate-view patterns before the step).
+    sorted), ``old_bits`` (their int16 gate-view bits before the step; the tracker releases these two
+    once it has recorded them) and ``old_checksum`` (int64 sum of all int16 gate-view patterns before
+    the step).
     """
 
     intended: Tensor
@@ -200,11 +201,9 @@ class RLSGD(Optimizer):
                 group["rounding"],
                 group["backend"],
             )
-            if _resolve_backend(group["backend"], params) == "triton":
-                from sparse_rl_optim.optim._triton import check_triton_available
-
+            if resolve_backend(group["backend"], params) == "triton":
                 for device in {p.device for p in params}:
-                    check_triton_available(device)
+                    check_triton_available(device, "RLSGD(backend='triton')")
         except Exception:
             self.param_groups.pop()
             raise
@@ -309,7 +308,7 @@ class RLSGD(Optimizer):
         return {
             id(param)
             for group in self.param_groups
-            if _resolve_backend(group["backend"], group["params"]) == "triton"
+            if resolve_backend(group["backend"], group["params"]) == "triton"
             for param in group["params"]
         }
 
@@ -337,15 +336,7 @@ def _validate_hyperparameters(
         raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"Unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}")
-
-
-def _resolve_backend(backend: str, tensors: list[Tensor]) -> str:
-    """``"triton"`` or ``"torch"``: ``auto`` picks Triton when every tensor is on a CUDA device."""
-    if backend == "auto":
-        return "triton" if tensors and all(t.is_cuda for t in tensors) else "torch"
-    return backend
+    check_backend(backend)
 
 
 #: Half a bf16 (fp16) ulp relative to the weight is at least 2**-9 (2**-12): a decoupled decay
@@ -414,8 +405,7 @@ def rlsgd(
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"Unknown rounding {rounding!r}; expected one of {ROUNDING_MODES}")
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}")
+    check_backend(backend)
     if not (len(params) == len(grads) == len(momentum_buffers)):
         raise ValueError("params, grads and momentum_buffers must have the same length")
     if foreach is None:
@@ -423,11 +413,11 @@ def rlsgd(
     # One 32-bit seed per step from torch's default generator (so torch.manual_seed reproduces a run);
     # each tensor's random bits derive from it and the element index, whatever path computes them.
     step_seed = int(torch.randint(0, 2**31, (1,)).item()) if rounding == "stochastic" else 0
-    if _resolve_backend(backend, params) == "triton":
-        from sparse_rl_optim.optim._triton import check_triton_available, triton_rlsgd
+    if resolve_backend(backend, params) == "triton":
+        from sparse_rl_optim.optim._triton import triton_rlsgd
 
         for device in {p.device for p in params}:
-            check_triton_available(device)
+            check_triton_available(device, "RLSGD(backend='triton')")
         return triton_rlsgd(
             params,
             grads,

@@ -214,7 +214,9 @@ class PrecisionGateTracker:
         kernel_fed_ids = reported() if reported is not None else set()
         for tracked in self._params:
             tracked.before = None
-            tracked.kernel_fed = id(tracked.param) in kernel_fed_ids
+            # Only params the kernel will step: one without a gradient is snapshotted, so an edit made
+            # to it between steps is still caught at the next step.
+            tracked.kernel_fed = id(tracked.param) in kernel_fed_ids and tracked.param.grad is not None
             if tracked.kernel_fed:
                 # The step kernel reports the changed elements, their old bits and a checksum of the
                 # old bits: no snapshot, no extra read of the weights.
@@ -309,16 +311,17 @@ class PrecisionGateTracker:
     def _kernel_changes(self, position: int, tracked: _TrackedParam, stats: Any) -> tuple[Tensor, Tensor, Tensor]:
         """(changed indices, their old bits, the changed count) from the step kernel's report; also
         the outside-edit check against the kernel's checksum of the old bits."""
-        device = tracked.param.device
         if stats is None or stats.changed_indices is None:
-            # Not stepped (no gradient): unchanged by this step. An edit made outside the step shows
-            # in the checksum of the next step that runs the kernel on it.
-            empty = torch.empty(0, dtype=torch.int64, device=device)
-            return empty, torch.empty(0, dtype=torch.int16, device=device), torch.zeros((), dtype=torch.int64)
+            raise RuntimeError(
+                f"PrecisionGateTracker: the optimizer reports changes for {tracked.name!r} but its step did not "
+                "record them (were gate_changes_enabled or the param's gradient changed inside the step?)"
+            )
         if tracked.checksum is not None:
             self._moved_outside_step[position] = stats.old_checksum != tracked.checksum
             tracked.checksum = stats.old_checksum
-        return stats.changed_indices, stats.old_bits, stats.tile_changed.sum(dtype=torch.int64)
+        changed = stats.changed_indices, stats.old_bits, stats.tile_changed.sum(dtype=torch.int64)
+        stats.changed_indices = stats.old_bits = None  # recorded: do not keep them alive until the next step
+        return changed
 
     def _make_record(self, table: list[list[int]], intended: int | None, swallowed: int | None) -> dict[str, Any]:
         by_kind: dict[str, dict[str, int]] = {}
