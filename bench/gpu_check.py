@@ -14,6 +14,8 @@ Rows (median of ``--repeats`` after warm-up, CUDA events):
   move fewer bytes than that);
 * ``kernel_plain`` / ``kernel_counts_pack``: the step kernel alone, and with per-tile gate counts
   plus compaction of the changed tiles of all tensors (``pack_changed_tiles``): the overhead;
+* ``kernel_all_writes``: the kernel storing every weight (vector stores) instead of only the changed
+  ones (predicated stores, the default): which is faster is a GPU measurement;
 * ``rlsgd_triton_tracker``: with a PrecisionGateTracker fed by the kernel;
 * ``rlsgd_torch``: the torch backend (foreach) on the same tensors;
 * ``sgd_fused`` / ``adamw_fused``: torch's fused optimizers.
@@ -152,6 +154,9 @@ def run_timings(args: argparse.Namespace, device: str) -> tuple[dict[str, dict[s
     common |= dict(stochastic=False, seeds=[0] * len(params), tile_size=DEFAULT_TILE_SIZE)
     weights = [p.detach() for p in params]
     rows["kernel_plain"] = measure(lambda: rlsgd_step_triton(weights, grads, None, [False] * len(params), **common))
+    rows["kernel_all_writes"] = measure(
+        lambda: rlsgd_step_triton(weights, grads, None, [False] * len(params), skip_unchanged_writes=False, **common)
+    )
 
     def counts_and_pack() -> None:
         report = rlsgd_step_triton(weights, grads, None, [False] * len(params), count_tiles=True, **common)

@@ -138,10 +138,13 @@ def assert_log_matches_history(
 # -- 1. optimizer instance + PrecisionGateCallback -----------------------------------------------
 
 
-def test_gate_callback_logs_metrics_that_match_tracker_and_weights(tmp_path, tokenizer, dataset):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gate_callback_logs_metrics_that_match_tracker_and_weights(tmp_path, tokenizer, dataset, backend):
+    """Also with the Triton step (in the interpreter here), where the tracker takes the changes from
+    the kernel instead of snapshotting the weights."""
     model = make_model(tokenizer)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = RLSGD(model.parameters(), lr=LR)
+    optimizer = RLSGD(model.parameters(), lr=LR, backend=backend)
     callback = PrecisionGateCallback()
     trainer = GRPOTrainer(
         **grpo_kwargs(tokenizer, dataset, model, make_config(tmp_path)),
@@ -180,6 +183,9 @@ def test_gate_callback_logs_metrics_that_match_tracker_and_weights(tmp_path, tok
     assert differing == history[-1]["cumulative_changed"]
     # The callback detaches at the end of training.
     assert optimizer.gate_stats_enabled is False
+    assert optimizer.gate_changes_enabled is False
+    snapshot_bytes = tracker.memory_bytes()["step_snapshot_bytes"]
+    assert snapshot_bytes == 0 if backend == "triton" else snapshot_bytes > 0
 
 
 def test_gate_callback_syncs_at_grpo_generation_interval(tmp_path, tokenizer, dataset):
