@@ -75,11 +75,26 @@ def time_it(fn, device: str, repeats: int) -> tuple[float, float, float]:
     return statistics.median(samples), min(samples), max(samples)
 
 
+def interleaved_times(optimizers: dict, device: str, repeats: int) -> dict[str, list[float]]:
+    """Seconds per ``step()`` of each optimizer, ``repeats`` rounds of one step each, after two
+    warm-up rounds (``fused=True`` compiles in its first)."""
+    samples: dict[str, list[float]] = {name: [] for name in optimizers}
+    for round_index in range(repeats + 2):
+        for name, optimizer in optimizers.items():
+            synchronize(device)
+            start = time.perf_counter()
+            optimizer.step()
+            synchronize(device)
+            if round_index >= 2:
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=20e6)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
 
     params = model_shaped_tensors(int(args.params), args.device)
@@ -105,28 +120,34 @@ def main() -> None:
 
     candidates["RLSGD + PrecisionGateTracker"] = lambda ps: RLSGD(ps, lr=0.1)
 
+    # Steps interleaved round by round (A, B, C, A, B, C, ...), so drifts of the machine (caches,
+    # memory pressure) hit every optimizer alike; the tracker row runs alone afterwards (its hooks
+    # would count the other optimizers' steps as edits made outside its optimizer's step).
+    tracked_name = "RLSGD + PrecisionGateTracker"
+    optimizers = {name: build(params) for name, build in candidates.items() if name != tracked_name}
+    samples = interleaved_times(optimizers, args.device, args.repeats)
+    optimizer = candidates[tracked_name](params)
+    tracker = PrecisionGateTracker([(f"p{i}", p) for i, p in enumerate(params)]).attach(optimizer)
+    samples[tracked_name] = interleaved_times({tracked_name: optimizer}, args.device, args.repeats)[tracked_name]
+    optimizers[tracked_name] = optimizer
+    changed = tracker.summary()["mean_changed_fraction"]
+    tracker.detach()
+
     rows = []
-    for name, build in candidates.items():
-        optimizer = build(params)
-        tracker = None
-        if "Tracker" in name:
-            tracker = PrecisionGateTracker([(f"p{i}", p) for i, p in enumerate(params)]).attach(optimizer)
-        seconds, fastest, slowest = time_it(optimizer.step, args.device, args.repeats)
-        changed = tracker.summary()["mean_changed_fraction"] if tracker is not None else None
-        if tracker is not None:
-            tracker.detach()
+    for name in candidates:
+        seconds = statistics.median(samples[name])
         rows.append(
             {
                 "optimizer": name,
                 "step_ms": 1e3 * seconds,
-                "step_ms_min": 1e3 * fastest,
-                "step_ms_max": 1e3 * slowest,
-                "state_bytes_per_param": optimizer_state_bytes(optimizer) / numel,
+                "step_ms_min": 1e3 * min(samples[name]),
+                "step_ms_max": 1e3 * max(samples[name]),
+                "state_bytes_per_param": optimizer_state_bytes(optimizers[name]) / numel,
                 "effective_bandwidth_fraction_at_6_bytes": 6 * numel / seconds / copy_bandwidth,
-                "tracked_changed_fraction_per_step": changed,
+                "tracked_changed_fraction_per_step": changed if name == tracked_name else None,
             }
         )
-        del optimizer
+    del optimizers, optimizer
 
     machine = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     result = {

@@ -413,36 +413,8 @@ def rlsgd(
     # One 32-bit seed per step from torch's default generator (so torch.manual_seed reproduces a run);
     # each tensor's random bits derive from it and the element index, whatever path computes them.
     step_seed = int(torch.randint(0, 2**31, (1,)).item()) if rounding == "stochastic" else 0
-    if resolve_backend(backend, params) == "triton":
-        from sparse_rl_optim.optim._triton import triton_rlsgd
-
-        for device in {p.device for p in params}:
-            check_triton_available(device, "RLSGD(backend='triton')")
-        return triton_rlsgd(
-            params,
-            grads,
-            momentum_buffers,
-            lr=float(lr),
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            rounding=rounding,
-            step_seed=step_seed,
-            collect_gate_stats=collect_gate_stats,
-            record_changes=record_changes,
-        )
-    if fused:
-        from sparse_rl_optim.optim._compiled import _compiled_rlsgd
-
-        fn = _compiled_rlsgd
-    else:
-        fn = _multi_tensor_rlsgd if foreach else _single_tensor_rlsgd
-    return fn(
-        params,
-        grads,
-        momentum_buffers,
+    # The same keyword arguments for every implementation (as in torch/optim/sgd.py's dispatch).
+    options: dict[str, Any] = dict(
         lr=float(lr),
         momentum=momentum,
         dampening=dampening,
@@ -453,6 +425,18 @@ def rlsgd(
         step_seed=step_seed,
         collect_gate_stats=collect_gate_stats,
     )
+    if resolve_backend(backend, params) == "triton":
+        from sparse_rl_optim.optim._triton import triton_rlsgd
+
+        for device in {p.device for p in params}:
+            check_triton_available(device, "RLSGD(backend='triton')")
+        return triton_rlsgd(params, grads, momentum_buffers, record_changes=record_changes, **options)
+    if fused:
+        from sparse_rl_optim.optim._compiled import _compiled_rlsgd
+
+        return _compiled_rlsgd(params, grads, momentum_buffers, **options)
+    fn = _multi_tensor_rlsgd if foreach else _single_tensor_rlsgd
+    return fn(params, grads, momentum_buffers, **options)
 
 
 def _step_scalars(work_dtype: torch.dtype, lr: float, weight_decay: float) -> tuple[float, float]:
