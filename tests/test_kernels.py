@@ -225,6 +225,7 @@ def test_step_then_pack_then_apply_rebuilds_the_new_weights(dtype, tile_size):
     assert sum(ids.numel() for ids, _ in packed) > 0
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy inside the interpreter
 def test_nonfinite_gradients_behave_as_the_reference():
     """NaN and inf gradients: the kernel writes what the reference writes (NaN weights where the
     update is NaN or inf - inf, inf where it overflows); the tracker counts and warns about them."""
