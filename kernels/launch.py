@@ -409,6 +409,7 @@ def pack_changed_tiles(params: list[Tensor], report: StepReport) -> list[tuple[T
                 packed_ids,
                 values,
                 ELEMENT_BYTES=params[0].element_size(),
+                ALIGNED=_aligned(params) and not interpreting(),
                 BLOCK=report.block,
                 TILE=tile_size,
                 **_launch_options(report.block),

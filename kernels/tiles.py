@@ -65,6 +65,7 @@ def pack_block_tiles_kernel(
     packed_ids,
     packed,
     ELEMENT_BYTES: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -85,8 +86,15 @@ def pack_block_tiles_kernel(
     TILES: tl.constexpr = BLOCK // TILE
     tile_in_block = tl.arange(0, TILES)
     slots = tl.load(tile_slots + block * TILES + tile_in_block)
-    element = start + tile_in_block[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    local = tile_in_block[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    pointers = source + start + local
+    if ALIGNED:
+        # 16-byte aligned tensor, blocks at multiples of BLOCK: rows of TILE contiguous elements.
+        pointers = tl.max_contiguous(tl.multiple_of(pointers, [1, 16]), [1, 16])
     active = (slots >= 0)[:, None]
-    values = tl.load(source + element, mask=active & (element < numel), other=0)
+    if start + BLOCK <= numel:
+        values = tl.load(pointers, mask=active, other=0)  # per-tile mask: vector loads
+    else:
+        values = tl.load(pointers, mask=active & (local < (numel - start).to(tl.int32)), other=0)
     tl.store(packed + slots[:, None] * TILE + tl.arange(0, TILE)[None, :], values, mask=active)
     tl.store(packed_ids + slots, start // TILE + tile_in_block, mask=slots >= 0)
