@@ -329,14 +329,20 @@ def test_block_plan_int64_beyond_2_31():
     assert int(plan.block_tensor[-1]) == 1 and plan.first_block == [0, 1]
 
 
-def test_lr_is_a_runtime_argument():
-    """A new lr must not compile a new kernel (lr is not tl.constexpr)."""
+def test_per_step_values_are_runtime_arguments():
+    """A new lr (or decay, momentum, dampening) must not compile a new kernel: none of them is a
+    tl.constexpr parameter of the step kernel, while the flags that shape the code are."""
+    import inspect
+
     from sparse_rl_optim.kernels.rlsgd_step import rlsgd_step_kernel
 
-    annotations = rlsgd_step_kernel.fn.__annotations__ if hasattr(rlsgd_step_kernel, "fn") else {}
+    # The Python function under the JIT (or interpreter) wrapper declares which parameters are constexpr.
+    parameters = inspect.signature(rlsgd_step_kernel.fn).parameters.values()
+    constexpr = {param.name: "constexpr" in str(param.annotation) for param in parameters}
     for name in ("lr", "decay", "momentum", "dampening_keep"):
-        assert name in rlsgd_step_kernel.arg_names
-        assert "constexpr" not in str(annotations.get(name, ""))
+        assert constexpr[name] is False
+    for name in ("PARAM_KIND", "STOCHASTIC", "BLOCK", "TILE"):
+        assert constexpr[name] is True
 
 
 # -- the optimizer and the tracker on the Triton path ------------------------------------------

@@ -130,8 +130,9 @@ class RLSGD(Optimizer):
             elsewhere; ``"torch"`` always torch; ``"triton"`` always the kernel (on CPU tensors only
             under ``TRITON_INTERPRET=1``, otherwise a clear error). The kernel is bit-equal to the
             reference; it handles bf16/fp16/fp32 params and grads, and runs fp64 or non-contiguous
-            tensors through the reference. On the Triton path an attached tracker takes the change
-            counts from the kernel instead of snapshotting the weights.
+            tensors through the reference (``foreach`` and ``fused`` do not apply there). On the
+            Triton path an attached tracker takes the change counts from the kernel instead of
+            snapshotting the weights.
     """
 
     def __init__(
