@@ -112,7 +112,10 @@ class PrecisionGateTracker:
     Memory: while attached, 1/8 byte per element per reference (reference and sync), plus 10 bytes
     per element that changed since that reference, capped at a 2-byte dense copy per element; during
     a step a transient 2-byte snapshot per element (plus, for the checksum on a CPU, an int64 copy of
-    at most 2**20 elements). ``memory_bytes()`` reports the figures.
+    at most 2**20 elements). With :class:`~sparse_rl_optim.RLSGD` on the Triton path there is no
+    snapshot: the step kernel reports the changed elements, their old bits and a checksum of the old
+    bits (params without a gradient in a step are still snapshotted). ``memory_bytes()`` reports the
+    figures.
 
     Args:
         model: an ``nn.Module`` (its parameters with ``requires_grad``) or ``(name, param)`` pairs.
@@ -237,7 +240,7 @@ class PrecisionGateTracker:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._step += 1
         gate_stats = getattr(optimizer, "gate_stats", None) or {}
-        counts: list[Tensor] = []  # per param: changed, cumulative, since sync, nonfinite
+        counts: list[Tensor] = []  # per param: changed, cumulative, since sync, nonfinite, moved outside
         intended: list[Tensor] = []
         swallowed: list[Tensor] = []
         for position, tracked in enumerate(self._params):
