@@ -106,7 +106,7 @@ def main() -> None:
 
     candidates = {
         "RLSGD": lambda ps: RLSGD(ps, lr=0.1),
-        "RLSGD fused": lambda ps: RLSGD(ps, lr=0.1, fused=True),
+        "RLSGD fused": lambda ps: RLSGD(ps, lr=0.1, fused=True, backend="torch"),
         "RLSGD momentum 0.9": lambda ps: RLSGD(ps, lr=0.1, momentum=0.9),
         "RLSGD reference path": lambda ps: RLSGD(ps, lr=0.1, foreach=False),
         "torch SGD (foreach)": lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=True),

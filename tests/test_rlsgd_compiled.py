@@ -316,3 +316,55 @@ def test_compile_failure_warns_once_and_falls_back_to_foreach(monkeypatch):
     ]
     assert _compiled._compile_failed
     assert len(foreach_calls) == 1  # the second step
+
+
+def test_size_one_dimensions_with_other_strides_share_a_kernel():
+    """``is_contiguous()`` ignores the strides of size-1 dimensions, dynamo's guards do not: such
+    tensors get their own kernel instead of recompiling one (which strict_dynamo would turn into an
+    error), and every variant stays bit-equal."""
+    base = torch.randn(7, 5).to(torch.bfloat16)
+    variants = [base[:1].clone(), base[:1], torch.randn(5, 1).to(torch.bfloat16).t()]
+    assert all(v.is_contiguous() and v.shape == (1, 5) for v in variants)
+    assert len({v.stride() for v in variants}) > 1
+    for variant in variants:
+        param = variant.clone() if variant.stride() == (5, 1) else variant
+        expected = param.clone()
+        grad = torch.randn(1, 5).to(torch.bfloat16)
+        _single_tensor_rlsgd([expected], [grad], [None], **_NEAREST)
+        _compiled_rlsgd([param], [grad], [None], **_NEAREST)
+        assert_same(param, expected)
+
+
+_NEAREST = dict(
+    lr=0.5,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    weight_decay=0.0,
+    maximize=False,
+    rounding="nearest",
+    step_seed=0,
+    collect_gate_stats=False,
+)
+
+
+def test_fused_and_foreach_together_rejected_in_any_group():
+    from sparse_rl_optim import RLSGD
+
+    first, second = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    optimizer = RLSGD([first], lr=0.1)
+    with pytest.raises(ValueError, match="fused"):
+        optimizer.add_param_group({"params": [second], "fused": True, "foreach": True})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_stochastic_seed_is_drawn_eagerly_under_torch_compile():
+    """``torch.compile(optimizer.step)`` draws the step's stochastic-rounding seed from torch's
+    default generator, as eager code does (inductor would otherwise draw it from its own)."""
+    from sparse_rl_optim.optim.sgd import _draw_step_seed
+
+    torch.manual_seed(5)
+    eager = [_draw_step_seed(), _draw_step_seed()]
+    torch.manual_seed(5)
+    compiled = torch.compile(lambda: [_draw_step_seed(), _draw_step_seed()], backend="inductor")()
+    assert compiled == eager

@@ -88,7 +88,7 @@ def _compiled_rlsgd(
             return _compiled_rlsgd(params, grads, momentum_buffers, **options)
 
     # Per tensor only what routing and grouping need: this loop is most of the step's Python time.
-    groups: dict[tuple, tuple[list[int], list[torch.Size]]] = {}
+    groups: dict[tuple, tuple[list[int], list[torch.Size], list[tuple]]] = {}
     reference: list[int] = []
     use_buffers = momentum != 0
     for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
@@ -105,15 +105,17 @@ def _compiled_rlsgd(
             variant = (type(param), param.requires_grad, param.dtype, grad.dtype, param.device, momentum_mode)
             group = groups.get(variant)
             if group is None:
-                group = groups[variant] = ([], [])
+                group = groups[variant] = ([], [], [])
             group[0].append(index)
             group[1].append(shape)
+            # Strides too: is_contiguous() ignores the strides of size-1 dimensions, dynamo does not.
+            group[2].append((param.stride(), grad.stride(), None if buffer is None else buffer.stride()))
         else:
             reference.append(index)
 
     stats: list[GateStats | None] = [None] * len(params)
     group_list = list(groups.items())
-    for position, (variant, (indices, shapes)) in enumerate(group_list):
+    for position, (variant, (indices, shapes, strides)) in enumerate(group_list):
         *_, param_dtype, _, device, momentum_mode = variant
         work_dtype = compute_dtype(param_dtype)
         scalars, apply_decay = _scalars(device, work_dtype, lr, weight_decay, momentum, dampening)
@@ -143,7 +145,7 @@ def _compiled_rlsgd(
         if use_buffers:
             group_buffers = list(momentum_buffers) if whole else [momentum_buffers[index] for index in indices]
         try:
-            counts = _kernel((*variant, *flags.values(), tuple(shapes)))(
+            counts = _kernel((*variant, *flags.values(), tuple(shapes), tuple(strides)))(
                 group_params, group_grads, group_buffers, scalars, seeds, **flags
             )
         except Exception as error:  # no C++ compiler, a platform dynamo does not support, ...
@@ -153,7 +155,7 @@ def _compiled_rlsgd(
             if momentum_mode == "first":
                 for index in indices:
                     momentum_buffers[index] = None
-            reference.extend(index for _, (rest, _) in group_list[position:] for index in rest)
+            reference.extend(index for _, (rest, *_) in group_list[position:] for index in rest)
             break
         if counts is not None:
             for index, (intended, swallowed) in zip(indices, counts, strict=True):

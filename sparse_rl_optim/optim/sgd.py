@@ -202,6 +202,8 @@ class RLSGD(Optimizer):
                 group["rounding"],
                 group["backend"],
             )
+            if group["fused"] and group["foreach"]:
+                raise ValueError("`fused` and `foreach` cannot be `True` together.")
             if resolve_backend(group["backend"], params) == "triton":
                 for device in {p.device for p in params}:
                     check_triton_available(device, "RLSGD(backend='triton')")
@@ -413,7 +415,7 @@ def rlsgd(
         foreach = not torch.jit.is_scripting()
     # One 32-bit seed per step from torch's default generator (so torch.manual_seed reproduces a run);
     # each tensor's random bits derive from it and the element index, whatever path computes them.
-    step_seed = int(torch.randint(0, 2**31, (1,)).item()) if rounding == "stochastic" else 0
+    step_seed = _draw_step_seed() if rounding == "stochastic" else 0
     # The same keyword arguments for every implementation (as in torch/optim/sgd.py's dispatch).
     options: dict[str, Any] = dict(
         lr=float(lr),
@@ -438,6 +440,13 @@ def rlsgd(
         return _compiled_rlsgd(params, grads, momentum_buffers, **options)
     fn = _multi_tensor_rlsgd if foreach else _single_tensor_rlsgd
     return fn(params, grads, momentum_buffers, **options)
+
+
+@torch._dynamo.disable
+def _draw_step_seed() -> int:
+    """A 31-bit seed from torch's default generator, drawn eagerly even inside ``torch.compile``
+    (compiled code would draw it from inductor's own generator: a different stream)."""
+    return int(torch.randint(0, 2**31, (1,)).item())
 
 
 def _step_scalars(work_dtype: torch.dtype, lr: float, weight_decay: float) -> tuple[float, float]:
