@@ -206,8 +206,7 @@ def pack_tiles(
 
 def _pack_reference(source: Tensor, other: Tensor | None, tile_ids: Tensor, tile_size: int) -> Tensor:
     numel = source.numel()
-    element = tile_ids.unsqueeze(1) * tile_size + torch.arange(tile_size, device=source.device)
-    inside = element < numel
+    element, inside = _tile_elements(tile_ids, tile_size, numel)
     values = torch.zeros(tile_ids.numel(), tile_size, dtype=source.dtype, device=source.device)
     values[inside] = source[element[inside]]
     if other is not None:
@@ -219,6 +218,13 @@ def _pack_reference(source: Tensor, other: Tensor | None, tile_ids: Tensor, tile
 
 
 _BITS_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _tile_elements(tile_ids: Tensor, tile_size: int, numel: int) -> tuple[Tensor, Tensor]:
+    """Flat element indices ``[len(tile_ids), tile_size]`` of the given tiles, and which of them lie
+    inside the tensor (a partial last tile)."""
+    element = tile_ids.unsqueeze(1) * tile_size + torch.arange(tile_size, device=tile_ids.device)
+    return element, element < numel
 
 
 def _bits_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -269,8 +275,7 @@ def apply_tiles(replica: Tensor, packed: PackedTiles, *, backend: str = "auto") 
 
         apply_tiles_triton(target, values, tile_ids, packed.tile_size, packed.xor)
         return replica
-    element = tile_ids.unsqueeze(1) * packed.tile_size + torch.arange(packed.tile_size, device=target.device)
-    inside = element < packed.numel
+    element, inside = _tile_elements(tile_ids, packed.tile_size, packed.numel)
     if packed.xor:
         integer = _bits_dtype(target.dtype)
         bits = target.view(integer)

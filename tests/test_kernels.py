@@ -77,6 +77,28 @@ def _run_both(params, grads, steps: int = 1, **options):
     return reference_params, kernel_params, reference_buffers, kernel_buffers, reference_stats, kernel_stats
 
 
+def _step_report(params, grads, *, lr=0.5, tile_size=64, seeds=None, **flags):
+    """The step kernel called directly (no momentum, no weight decay, nearest rounding unless
+    ``stochastic=True``), on the fp32 step scalars of ``lr``."""
+    step_lr, decay = _step_scalars(torch.float32, lr, 0.0)
+    return rlsgd_step_triton(
+        params,
+        grads,
+        None,
+        [False] * len(params),
+        lr=step_lr,
+        decay=decay,
+        momentum=0.0,
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        stochastic=flags.pop("stochastic", False),
+        seeds=[0] * len(params) if seeds is None else seeds,
+        tile_size=tile_size,
+        **flags,
+    )
+
+
 SIZES = st.sampled_from([1, 7, 63, 64, 65, 1000, BLOCK - 1, BLOCK + 5])
 
 
@@ -147,24 +169,7 @@ def test_tile_counts_equal_naive_diff():
         param = _random(BLOCK + 70, dtype, 0.05, 3)
         grad = _random(BLOCK + 70, torch.float32, 1e-3, 4)
         before = param.clone()
-        lr, decay = _step_scalars(torch.float32, 0.3, 0.0)
-        report = rlsgd_step_triton(
-            [param],
-            [grad],
-            None,
-            [False],
-            lr=lr,
-            decay=decay,
-            momentum=0.0,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-            stochastic=False,
-            seeds=[0],
-            tile_size=64,
-            count_tiles=True,
-            record=True,
-        )
+        report = _step_report([param], [grad], lr=0.3, count_tiles=True, record=True)
         (result,) = report.tensors
         old_view = before.to(torch.bfloat16).view(torch.int16).cpu().numpy()
         new_view = param.to(torch.bfloat16).view(torch.int16).cpu().numpy()
@@ -188,23 +193,7 @@ def test_step_then_pack_then_apply_rebuilds_the_new_weights(dtype, tile_size):
     params = [_random(n, dtype, 0.05, 20 + i) for i, n in enumerate(sizes)]
     grads = [_random(n, torch.float32, 2e-4, 30 + i) for i, n in enumerate(sizes)]
     replicas = [p.clone() for p in params]
-    lr, decay = _step_scalars(torch.float32, 0.5, 0.0)
-    report = rlsgd_step_triton(
-        params,
-        grads,
-        None,
-        [False] * 4,
-        lr=lr,
-        decay=decay,
-        momentum=0.0,
-        dampening=0.0,
-        nesterov=False,
-        maximize=False,
-        stochastic=False,
-        seeds=[0] * 4,
-        tile_size=tile_size,
-        count_tiles=True,
-    )
+    report = _step_report(params, grads, tile_size=tile_size, count_tiles=True)
     packed = pack_changed_tiles(params, report)
     for param, replica, result, (tile_ids, values) in zip(params, replicas, report.tensors, packed, strict=True):
         changed = (_gate_bits(replica) != _gate_bits(param)).cpu()
@@ -294,26 +283,11 @@ def test_random_stream_index_safe_beyond_2_31(offset):
     param = _random(numel, torch.bfloat16, 0.05, 15)
     grad = _random(numel, torch.float32, 1e-3, 16)
     seed = stochastic_seed(987654, 3)
-    lr, decay = _step_scalars(torch.float32, 0.1, 0.0)
+    lr, _ = _step_scalars(torch.float32, 0.1, 0.0)  # the fp32 lr the kernel uses
     expected32 = param.float() - grad * lr
     expected = stochastic_round(expected32.cpu(), torch.bfloat16, random_bits16(seed, offset, numel))
     stepped = param.clone()
-    rlsgd_step_triton(
-        [stepped],
-        [grad],
-        None,
-        [False],
-        lr=lr,
-        decay=decay,
-        momentum=0.0,
-        dampening=0.0,
-        nesterov=False,
-        maximize=False,
-        stochastic=True,
-        seeds=[seed],
-        stream_offsets=[offset],
-        tile_size=64,
-    )
+    _step_report([stepped], [grad], lr=0.1, stochastic=True, seeds=[seed], stream_offsets=[offset])
     assert torch.equal(stepped.cpu().view(torch.int16), expected.view(torch.int16))
     other = random_bits16(seed, 0, numel)
     assert not torch.equal(random_bits16(seed, offset, numel), other)  # the offset matters
@@ -455,26 +429,6 @@ def test_backend_errors(monkeypatch):
 def test_interpreter_is_what_runs_here():
     if DEVICE == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _step_report(params, grads, tile_size=64, **flags):
-    lr, decay = _step_scalars(torch.float32, 0.5, 0.0)
-    return rlsgd_step_triton(
-        params,
-        grads,
-        None,
-        [False] * len(params),
-        lr=lr,
-        decay=decay,
-        momentum=0.0,
-        dampening=0.0,
-        nesterov=False,
-        maximize=False,
-        stochastic=False,
-        seeds=[0] * len(params),
-        tile_size=tile_size,
-        **flags,
-    )
 
 
 def test_pack_changed_tiles_with_empty_tensors_anywhere():
