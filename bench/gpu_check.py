@@ -17,6 +17,8 @@ Rows (median of ``--repeats`` after warm-up, CUDA events):
 * ``kernel_all_writes``: the kernel storing every weight (vector stores) instead of only the changed
   ones (predicated stores, the default): which is faster is a GPU measurement;
 * ``rlsgd_triton_tracker``: with a PrecisionGateTracker fed by the kernel;
+* ``dense_block_adamw_0.05`` / ``_1``: ``DenseBlockAdamW(backend="triton")`` at density 0.05 and 1
+  (the fused gather -> AdamW -> scatter kernel), with its state bytes per parameter;
 * ``rlsgd_torch``: the torch backend (foreach) on the same tensors;
 * ``sgd_fused`` / ``adamw_fused``: torch's fused optimizers.
 
@@ -59,7 +61,9 @@ def run_kernel_tests() -> dict[str, object]:
     kernels/ would shadow the Hugging Face ``kernels`` package."""
     started = time.perf_counter()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"]
-    command += ["tests/test_tiles.py"] if (ROOT / "tests" / "test_tiles.py").exists() else []
+    command += [
+        f"tests/{name}" for name in ("test_tiles.py", "test_dense_block_kernel.py") if (ROOT / "tests" / name).exists()
+    ]
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     env.pop("TRITON_INTERPRET", None)
     try:
@@ -135,7 +139,7 @@ def measure_copy(measure, nbytes: int, device: str) -> dict[str, float]:
 def run_timings(args: argparse.Namespace, device: str) -> tuple[dict[str, dict[str, float]], int]:
     import torch
 
-    from sparse_rl_optim import RLSGD, PrecisionGateTracker
+    from sparse_rl_optim import RLSGD, DenseBlockAdamW, PrecisionGateTracker
     from sparse_rl_optim.kernels.launch import pack_changed_tiles, rlsgd_step_triton
     from sparse_rl_optim.optim.sgd import _step_scalars
     from sparse_rl_optim.tiles import DEFAULT_TILE_SIZE
@@ -177,6 +181,12 @@ def run_timings(args: argparse.Namespace, device: str) -> tuple[dict[str, dict[s
     rows["rlsgd_triton_tracker"]["tracker_snapshot_bytes"] = tracker.memory_bytes()["step_snapshot_bytes"]
     tracker.detach()
     del optimizer, tracker
+
+    for density in (0.05, 1.0):
+        dense_block = DenseBlockAdamW(params, lr=1e-6, density=density, reselect_every=None, backend="triton")
+        rows[f"dense_block_adamw_{density:g}"] = measure(dense_block.step)
+        rows[f"dense_block_adamw_{density:g}"]["state_bytes_per_param"] = dense_block.state_bytes() / numel
+        del dense_block
 
     rows["rlsgd_torch"] = measure(RLSGD(params, lr=LR, backend="torch").step)
     rows["sgd_fused"] = measure(torch.optim.SGD(params, lr=LR, fused=True).step)

@@ -3,11 +3,14 @@ module: transformers and bitsandbytes import that name as the Hugging Face kerne
 
 * :mod:`.bits` - Triton mirrors of the bf16 bit math of :mod:`sparse_rl_optim.bf16`;
 * :mod:`.rlsgd_step` - the fused RLSGD step with per-tile gate counts (multi-tensor launches);
+* :mod:`.dense_block_step` - the fused gather -> AdamW / SGD -> scatter step of the dense-block
+  optimizers on their active tiles (multi-tensor launches);
 * :mod:`.tiles` - count changed tiles, pack active tiles (prefix-sum slots), apply packed tiles;
 * :mod:`.launch` - the Python launchers (tables, grids, checks).
 
-Users call them through ``RLSGD(backend=...)`` and :mod:`sparse_rl_optim.tiles`. Every kernel is
-tested bit-exact against the torch reference (``_single_tensor_rlsgd``) in Triton's interpreter.
+Users call them through ``RLSGD(backend=...)``, ``DenseBlockAdamW``/``DenseBlockSGD(backend=...)``
+and :mod:`sparse_rl_optim.tiles`. Every kernel is tested bit-exact against its torch reference
+(``_single_tensor_rlsgd``, ``_single_tensor_dense_block_adamw``/``_sgd``) in Triton's interpreter.
 """
 
 __all__: list[str] = []

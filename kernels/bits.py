@@ -29,6 +29,13 @@ def is_finite32(x):
 
 
 @triton.jit
+def negate32(x):
+    """``-x`` for fp32, as torch computes it (the sign bit flipped: ``-(+0) == -0``). Triton 3.6
+    compiles unary minus as ``0.0 - x``, which gives ``+0`` for ``+0`` (measured on sm_90 PTX)."""
+    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def bf16_bits_to_fp32(bits16):
     """The exact fp32 value of a bf16 pattern."""
     return (bits16.to(tl.uint32) << 16).to(tl.float32, bitcast=True)

@@ -1,8 +1,9 @@
 """Python launchers for the Triton kernels: argument checks, launch tables, grids.
 
-The kernels themselves live in :mod:`.rlsgd_step` and :mod:`.tiles`; nothing here does arithmetic
-on weights. Importing this module imports Triton; set ``TRITON_INTERPRET=1`` before importing it to
-run the kernels on CPU tensors (slow; used by the tests).
+The kernels themselves live in :mod:`.rlsgd_step`, :mod:`.dense_block_step` and :mod:`.tiles`;
+nothing here does arithmetic on weights. Importing this module imports Triton; set
+``TRITON_INTERPRET=1`` before importing it to run the kernels on CPU tensors (slow; used by the
+tests).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from sparse_rl_optim.bf16 import _GOLDEN, _HASH_MASK
 from sparse_rl_optim.kernels.bits import BF16, FP16, FP32
+from sparse_rl_optim.kernels.dense_block_step import ADAMW, SGD, dense_block_step_kernel
 from sparse_rl_optim.kernels.rlsgd_step import rlsgd_step_kernel
 from sparse_rl_optim.kernels.tiles import (
     apply_tiles_kernel,
@@ -35,6 +37,7 @@ __all__ = [
     "apply_tiles_triton",
     "block_size",
     "count_changed_tiles_triton",
+    "dense_block_step_triton",
     "interpreting",
     "pack_changed_tiles",
     "pack_tiles_triton",
@@ -433,3 +436,111 @@ def _changed_elements(
     tensor_of = plan.block_tensor[blocks].to(torch.int64)
     element = plan.block_start[blocks] + positions % block
     return tensor_of, element, old_bits[positions]
+
+
+# -- the dense-block step ----------------------------------------------------------------------
+
+
+def dense_block_step_triton(
+    params: list[Tensor],
+    grads: list[Tensor],
+    tile_ids: list[Tensor],
+    tile_steps: list[Tensor] | None,
+    states1: list[Tensor] | None,
+    states2: list[Tensor] | None,
+    bias_table: Tensor | None,
+    *,
+    algorithm: str,
+    lr: float,
+    decay: float,
+    maximize: bool,
+    tile_size: int,
+    beta1: float = 0.0,
+    one_minus_beta1: float = 0.0,
+    beta2: float = 0.0,
+    one_minus_beta2: float = 0.0,
+    eps: float = 0.0,
+    momentum: float = 0.0,
+    dampening_keep: float = 1.0,
+    nesterov: bool = False,
+) -> None:
+    """One fused dense-block step (:mod:`.dense_block_step`) over tensors that share device, param
+    dtype and grad dtype, in place: params, state rows and tile steps.
+
+    ``algorithm``: ``"adamw"`` (``states1``/``states2`` the exp_avg/exp_avg_sq rows, ``bias_table``
+    fp32 ``[capacity, 2]`` with a row for every step count reached) or ``"sgd"`` (``states1`` the
+    momentum rows, or None with ``tile_steps`` without momentum; ``momentum != 0`` iff they are
+    given). The caller checks: params and grads contiguous, of one shape, dtypes in
+    :data:`STEP_DTYPES`; ``tile_ids`` int64 contiguous, sorted; ``tile_steps`` int32 contiguous
+    ``[len(tile_ids)]``; state rows fp32 contiguous ``[len(tile_ids), tile_size]``. The scalars are
+    the fp32 values of the reference (Python floats). Tensors without active tiles are skipped.
+    """
+    if algorithm not in ("adamw", "sgd"):
+        raise ValueError(f"algorithm must be 'adamw' or 'sgd', got {algorithm!r}")
+    adamw = algorithm == "adamw"
+    has_momentum = adamw or states1 is not None
+    active = [i for i, ids in enumerate(tile_ids) if ids.numel()]
+    if not active:
+        return
+    device = params[active[0]].device
+    rows_per_program = block_size(tile_size) // tile_size
+    row_counts = tuple(tile_ids[i].numel() for i in active)
+    plan = _plan_blocks(row_counts, rows_per_program, device)
+
+    def pick(tensors: list[Tensor] | None) -> list[Tensor]:
+        # Unused tables point at the params (never dereferenced: the constexpr flags skip them).
+        return [(tensors if tensors is not None else params)[i] for i in active]
+
+    tensors = [pick(params), pick(grads), pick(states1), pick(states2 if adamw else None), pick(tile_ids)]
+    steps = pick(tile_steps if has_momentum else None)
+    n_tensors = len(active)
+    table = _device_table(
+        (
+            *(t.data_ptr() for group in (*tensors, steps) for t in group),
+            *(params[i].numel() for i in active),
+            *row_counts,
+        ),
+        device,
+    )
+    param_table, grad_table, state1_table, state2_table, id_table, step_table, numel_table, row_table = table.split(
+        n_tensors
+    )
+    if bias_table is None:
+        bias_table = torch.ones(1, 2, dtype=torch.float32, device=device)
+    aligned = all(_aligned(group) for group in (*tensors, steps)) and not interpreting()
+    block = rows_per_program * tile_size
+    with on_device(device):
+        dense_block_step_kernel[(plan.n_blocks,)](
+            param_table,
+            grad_table,
+            state1_table,
+            state2_table,
+            id_table,
+            step_table,
+            numel_table,
+            row_table,
+            plan.block_tensor,
+            plan.block_start,
+            bias_table,
+            bias_table.shape[0],
+            lr,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            decay,
+            momentum,
+            dampening_keep,
+            ALGORITHM=ADAMW.value if adamw else SGD.value,
+            PARAM_KIND=_KIND[params[active[0]].dtype],
+            GRAD_KIND=_KIND[grads[active[0]].dtype],
+            HAS_DECAY=decay != 1.0,
+            MAXIMIZE=maximize,
+            HAS_MOMENTUM=has_momentum and not adamw,
+            NESTEROV=nesterov and has_momentum and not adamw,
+            ALIGNED=aligned,
+            ROWS=rows_per_program,
+            TILE=tile_size,
+            **_launch_options(block),
+        )

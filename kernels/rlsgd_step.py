@@ -33,6 +33,7 @@ from sparse_rl_optim.kernels.bits import (
     load_as_fp32,
     masked_load,
     masked_store,
+    negate32,
     random_bits16,
 )
 
@@ -87,7 +88,7 @@ def _step_block(
     old32, old_stored = load_as_fp32(param_address, offsets, inside, PARAM_KIND, ALIGNED)
     direction, _ = load_as_fp32(grad_address, offsets, inside, GRAD_KIND, ALIGNED)
     if MAXIMIZE:
-        direction = -direction
+        direction = negate32(direction)
 
     if HAS_MOMENTUM:
         buffer_pointers = element_pointers(buffer_address, offsets, tl.float32, ALIGNED)

@@ -3,10 +3,11 @@
 Public API::
 
     from sparse_rl_optim import RLSGD, PrecisionGateTracker
+    from sparse_rl_optim import DenseBlockAdamW, DenseBlockSGD  # state and updates on dense tiles
     from sparse_rl_optim import count_changed_tiles, pack_tiles, apply_tiles  # dense tiles
 """
 
-from sparse_rl_optim.optim import RLSGD, GateStats, optimizer_state_bytes, rlsgd
+from sparse_rl_optim.optim import RLSGD, DenseBlockAdamW, DenseBlockSGD, GateStats, optimizer_state_bytes, rlsgd
 from sparse_rl_optim.tiles import PackedTiles, apply_tiles, count_changed_tiles, pack_tiles
 from sparse_rl_optim.tracker import PrecisionGateTracker
 
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RLSGD",
+    "DenseBlockAdamW",
+    "DenseBlockSGD",
     "GateStats",
     "PackedTiles",
     "PrecisionGateTracker",

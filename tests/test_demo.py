@@ -114,6 +114,37 @@ def test_demo_adamw_reports_state_bytes_and_no_swallowed(tmp_path):
     assert len((output_dir / "gate_history.jsonl").read_text().splitlines()) == 2
 
 
+def test_demo_dense_block_adamw_reports_its_state_breakdown(tmp_path):
+    output_dir = tmp_path / "out"
+    # hidden size 64: the 64x64 attention matrices are large enough to be blocked (dense_below=4096)
+    args = [
+        "--optimizer",
+        "dense-block-adamw",
+        "--steps",
+        "2",
+        *TINY,
+        "--hidden-size",
+        "64",
+        "--output-dir",
+        str(output_dir),
+    ]
+    result = run_demo(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    summary = json.loads((output_dir / "summary.json").read_text())
+    report = summary["optimizer_state_report"]
+    assert summary["optimizer"] == "dense-block-adamw"
+    assert report["total"] == summary["optimizer_state_bytes"] > 0
+    assert report["total"] <= report["budget"] + report["overhead"]
+    assert report["blocked_numel"] > 0 and report["blocked_numel"] + report["dense_numel"] == summary["params"]
+    # Moments for 5% of the blocked weights: far below AdamW's state.
+    assert report["rows"] <= 0.05 * 8 * report["blocked_numel"] + 8 * 64 * 16
+    assert summary["optimizer_state_bytes"] < summary["adamw_state_bytes"] / 2
+    assert "dense-block state:" in result.stdout
+    _, rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["1", "2"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["--steps", "0"], "--steps must be >= 1"), (["--optimizer", "lion"], "invalid choice")],

@@ -229,6 +229,20 @@ def test_nonfinite_gradients_behave_as_the_reference():
     assert torch.isnan(ker[0].float()).any() and torch.isinf(ker[0].float()).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_maximize_with_zero_gradients_keeps_torchs_signed_zeros(dtype):
+    """-(+0) is -0 in torch; Triton 3.6 compiles unary minus as 0 - x (+0), so the kernel flips the
+    sign bit instead. -0 and +0 weights with +-0 gradients, with momentum (a fresh fp32 buffer)."""
+    param = torch.tensor([-0.0, 0.0, 0.5, -0.25] * 16).to(dtype).to(DEVICE)
+    grad = torch.tensor([0.0, -0.0, 0.0, 0.125] * 16).to(dtype).to(DEVICE)
+    for momentum in (0.0, 0.9):
+        ref, ker, ref_buffers, ker_buffers, *_ = _run_both([param], [grad], lr=0.5, momentum=momentum, maximize=True)
+        _assert_same_bits(ker[0], ref[0])
+        if momentum:
+            assert torch.equal(ker_buffers[0].view(torch.int32), ref_buffers[0].view(torch.int32))
+            assert torch.signbit(ker_buffers[0][0::4]).all()  # -(+0) = -0
+
+
 def test_non_contiguous_and_empty_and_fp64_params_take_the_reference():
     base = _random(64 * 33, torch.bfloat16, 0.05, 7).view(64, 33)
     params = [

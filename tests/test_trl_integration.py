@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from sparse_rl_optim import RLSGD
+from sparse_rl_optim import RLSGD, DenseBlockAdamW
 from sparse_rl_optim.demo.task import build_tiny_llama, build_tokenizer, make_prompts
 from sparse_rl_optim.integrations.trl import (
     OptimizerClsAndKwargsMixin,
@@ -29,6 +29,7 @@ from sparse_rl_optim.integrations.trl import (
     PrecisionGateCallback,
     with_optimizer_cls_and_kwargs,
 )
+from sparse_rl_optim.tiles import num_tiles
 from sparse_rl_optim.tracker import unwrap_optimizer
 
 # Large enough that lr * grad moves many bf16 weights of the tiny model every step.
@@ -581,3 +582,81 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, tokenizer, d
     control = train("control", resume=without_optimizer)
     assert control.state.global_step == 4
     assert any(not torch.equal(reference_weights[name], p) for name, p in weights(control).items())
+
+
+# -- 6. dense-block optimizers -------------------------------------------------------------------
+
+DENSE_BLOCK_KWARGS = {"lr": 1e-2, "density": 0.1, "dense_below": 256, "reselect_every": None}
+
+
+def test_grpo_with_dense_block_adamw_instance_changes_only_active_tiles(tmp_path, tokenizer, dataset):
+    model = make_model(tokenizer)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = DenseBlockAdamW(model.parameters(), **DENSE_BLOCK_KWARGS)
+    callback = PrecisionGateCallback()
+    trainer = GRPOTrainer(
+        **grpo_kwargs(tokenizer, dataset, model, make_config(tmp_path)),
+        optimizers=(optimizer, None),
+        callbacks=[callback],
+    )
+    trainer.train()
+
+    assert unwrap_optimizer(trainer.optimizer) is optimizer
+    history = callback.tracker.history
+    entries = gate_entries(trainer.state.log_history)
+    assert [entry["step"] for entry in entries] == [record["step"] for record in history] == [1, 2, 3]
+    for entry, record in zip(entries, history, strict=True):
+        assert entry["gate/changed_fraction"] == pytest.approx(record["changed"] / record["total"], rel=1e-12)
+    blocked = 0
+    for name, param in model.named_parameters():
+        changed = (initial[name].view(torch.int16) != param.detach().view(torch.int16)).reshape(-1)
+        tile_ids = optimizer.state[param]["tile_ids"]
+        if optimizer.is_dense(param, optimizer.param_groups[0]):
+            assert tile_ids.numel() == num_tiles(param.numel(), 64)
+            continue
+        blocked += 1
+        inside = torch.zeros(param.numel(), dtype=torch.bool)
+        for tile in tile_ids.tolist():
+            inside[tile * 64 : (tile + 1) * 64] = True
+        assert not (changed & ~inside).any(), name
+        assert changed.any(), name
+    assert blocked >= 4  # the attention and MLP matrices
+    assert history[-1]["cumulative_changed"] > 0
+    report = optimizer.state_bytes_report()
+    assert report["total"] == optimizer.state_bytes() <= report["budget"] + report["overhead"]
+
+
+def test_grpo_class_path_builds_dense_block_adamw_and_resumes_bit_identically(tmp_path, tokenizer, dataset):
+    def train(name: str, *, save: bool = False, resume: Path | None = None) -> Any:
+        config = make_config(
+            tmp_path / name, max_steps=4, save_strategy="steps" if save else "no", save_steps=2, weight_decay=0.1
+        )
+        trainer = OptimizerClsGRPOTrainer(
+            **grpo_kwargs(tokenizer, dataset, make_model(tokenizer), config),
+            optimizer_cls_and_kwargs=(DenseBlockAdamW, {**DENSE_BLOCK_KWARGS, "reselect_every": 3}),
+        )
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        return trainer
+
+    reference = train("uninterrupted")
+    optimizer = unwrap_optimizer(reference.optimizer)
+    assert isinstance(optimizer, DenseBlockAdamW)
+    # transformers' create_optimizer split the params into decay / no-decay groups, each with our settings.
+    assert len(optimizer.param_groups) == 2
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.0, 0.1}
+    assert all(group["density"] == 0.1 for group in optimizer.param_groups)
+
+    train("saving", save=True)
+    checkpoint = tmp_path / "saving" / "checkpoint-2"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert all(entry["exp_avg"].dtype == torch.float32 for entry in saved["state"].values())
+    assert all(entry["tile_ids"].dtype == torch.int64 for entry in saved["state"].values())
+    resumed = train("resumed", resume=checkpoint)  # step 3 reselects tiles, after the resume
+    assert resumed.state.global_step == 4
+    for name, param in weights(resumed).items():
+        assert torch.equal(param, weights(reference)[name]), name
+    without_optimizer = tmp_path / "checkpoint-2-without-optimizer"
+    shutil.copytree(checkpoint, without_optimizer)
+    (without_optimizer / "optimizer.pt").unlink()
+    control = train("control", resume=without_optimizer)
+    assert any(not torch.equal(weights(reference)[name], p) for name, p in weights(control).items())

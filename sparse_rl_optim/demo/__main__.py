@@ -1,6 +1,6 @@
 """``make demo``: GRPO with RLSGD on a tiny Llama, offline (CPU, or a GPU if present), watching the bf16 precision gate.
 
-    python -m sparse_rl_optim.demo [--optimizer rlsgd|adamw|sgd] [--steps N] [--lr LR] ...
+    python -m sparse_rl_optim.demo [--optimizer rlsgd|adamw|sgd|dense-block-adamw|dense-block-sgd] [--steps N] ...
 
 Builds a tokenizer and a tiny Llama locally, warm-starts it on integer addition with a short
 supervised run (so RL has something to improve), then runs TRL's ``GRPOTrainer`` with bf16 weights
@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from sparse_rl_optim import RLSGD, optimizer_state_bytes
+from sparse_rl_optim import RLSGD, DenseBlockAdamW, DenseBlockSGD, optimizer_state_bytes
 from sparse_rl_optim.demo.task import addition_reward, build_tiny_llama, build_tokenizer, make_prompts
 
-OPTIMIZERS = ("rlsgd", "adamw", "sgd")
+OPTIMIZERS = ("rlsgd", "adamw", "sgd", "dense-block-adamw", "dense-block-sgd")
 # The tiny model's per-element gradients are ~100x larger than a billion-parameter model's (they
 # shrink like 1/sqrt(#params)), so lr 0.1 here would move most weights every step. These defaults put
 # the per-step update at the scale the SGD-in-RL recipe (lr ~0.1) reaches on real LLMs.
-DEFAULT_LR = {"rlsgd": 0.01, "sgd": 0.01, "adamw": 3e-4}
+DEFAULT_LR = {"rlsgd": 0.01, "sgd": 0.01, "adamw": 3e-4, "dense-block-adamw": 3e-4, "dense-block-sgd": 0.01}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default per optimizer)")
     parser.add_argument("--momentum", type=float, default=0.0, help="RLSGD/SGD momentum")
     parser.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest", help="RLSGD rounding")
+    parser.add_argument("--density", type=float, default=0.05, help="dense-block: fraction of tiles trained")
+    parser.add_argument(
+        "--select", choices=("grad", "random", "off_principal"), default="grad", help="dense-block tile selection"
+    )
+    parser.add_argument("--reselect-every", type=int, default=25, help="dense-block: steps between reselections")
+    parser.add_argument("--rest", choices=("freeze", "sgd"), default="freeze", help="dense-block: outside the tiles")
+    parser.add_argument(
+        "--rest-lr", type=float, default=None, help="dense-block: lr of rest='sgd' (AdamW: 0.01; SGD: --lr)"
+    )
     parser.add_argument("--warm-start-steps", type=int, default=1000, help="supervised steps before RL")
     parser.add_argument("--max-operand", type=int, default=49)
     parser.add_argument("--hidden-size", type=int, default=128)
@@ -94,6 +103,19 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
             return RLSGD(params, lr=args.lr, momentum=args.momentum, rounding=args.rounding)
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
+    dense_block = dict(
+        density=args.density,
+        select=args.select,
+        reselect_every=args.reselect_every,
+        rest=args.rest,
+        rest_lr=args.rest_lr,
+    )
+    if args.optimizer == "dense-block-adamw":
+        if args.rest == "sgd" and args.rest_lr is None:
+            dense_block["rest_lr"] = DEFAULT_LR["rlsgd"]  # SGD needs its own, far larger lr than AdamW
+        return DenseBlockAdamW(params, lr=args.lr, weight_decay=0.0, **dense_block)
+    if args.optimizer == "dense-block-sgd":
+        return DenseBlockSGD(params, lr=args.lr, momentum=args.momentum, **dense_block)
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
 
@@ -206,6 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "swallowed_fraction": summary["swallowed_fraction"],
         "swallowed_of_intended": summary["swallowed_of_intended"],
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_state_report": optimizer.state_bytes_report() if hasattr(optimizer, "state_bytes_report") else None,
         "adamw_state_bytes": measured_adamw_state_bytes(model),
         "tracker_memory": summary["memory"],
         "seconds": time.perf_counter() - started,
@@ -230,6 +253,14 @@ def _print_summary(figures: dict[str, Any], output_dir: Path) -> None:
         f"({figures['optimizer_state_bytes'] / params:.2f} B/param) vs AdamW {figures['adamw_state_bytes']:,} bytes "
         f"({figures['adamw_state_bytes'] / params:.2f} B/param, measured)"
     )
+    report = figures["optimizer_state_report"]
+    if report is not None:
+        print(
+            f"  dense-block state: {report['rows']:,} B of moment rows for {report['blocked_numel']:,} blocked "
+            f"params ({report['rows'] / max(report['blocked_numel'], 1):.2f} B/param), {report['index']:,} B of "
+            f"tile ids and step counts, {report['selection']:,} B of gradient energy, {report['dense']:,} B for "
+            f"{report['dense_numel']:,} params handled densely (1-D tensors and tensors below dense_below)"
+        )
     print(
         f"weights changed: {100 * figures['mean_changed_fraction']:.3f}% per step on average, "
         f"{100 * figures['cumulative_changed_fraction']:.3f}% differ from the start of RL"

@@ -27,6 +27,7 @@ from sparse_rl_optim.bf16 import (
     stochastic_round,
     stochastic_seed,
 )
+from sparse_rl_optim.optim._state_dict import load_state_dict_keeping_dtypes
 from sparse_rl_optim.optim.memory import optimizer_state_bytes
 
 __all__ = ["RLSGD", "GateStats", "rlsgd"]
@@ -217,16 +218,8 @@ class RLSGD(Optimizer):
         (fp32 for bf16 params) instead of being cast to the param dtype, so state survives a round
         trip exactly. Runs the optimizer's load hooks as usual: user pre-hooks see the whole dict,
         user post-hooks see the restored fp32 buffers."""
-        saved: dict[str, Any] = {}
 
-        def stash_buffers(optimizer: Optimizer, incoming: dict[str, Any]) -> None:
-            # Registered last, so it sees the dict after every user pre-hook.
-            saved["ids"] = [index for group in incoming["param_groups"] for index in group["params"]]
-            saved["buffers"] = {
-                index: entry["momentum_buffer"]
-                for index, entry in incoming.get("state", {}).items()
-                if isinstance(entry, dict) and isinstance(entry.get("momentum_buffer"), Tensor)
-            }
+        def warn_if_foreign(incoming: dict[str, Any]) -> None:
             if any("rounding" not in group for group in incoming["param_groups"]):
                 warn(
                     "Loading a state dict that RLSGD did not save (its param groups lack 'rounding'): "
@@ -234,23 +227,15 @@ class RLSGD(Optimizer):
                     "torch.optim.SGD; check the loaded weight_decay."
                 )
 
-        def restore_buffers(optimizer: Optimizer) -> None:
-            # Registered first, so user post-hooks see the restored buffers.
-            params = [p for group in self.param_groups for p in group["params"]]
-            for index, param in zip(saved["ids"], params, strict=True):
-                if index in saved["buffers"]:
-                    # The compute dtype (fp32 for bf16 params): lossless for buffers RLSGD saved, and
-                    # an exact upcast for a bf16 buffer from elsewhere.
-                    buffer = saved["buffers"][index].to(device=param.device, dtype=compute_dtype(param.dtype))
-                    self.state[param]["momentum_buffer"] = buffer.clone(memory_format=torch.contiguous_format)
-
-        pre_hook = self.register_load_state_dict_pre_hook(stash_buffers)
-        post_hook = self.register_load_state_dict_post_hook(restore_buffers, prepend=True)
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            pre_hook.remove()
-            post_hook.remove()
+        # The compute dtype (fp32 for bf16 params): lossless for buffers RLSGD saved, and an exact
+        # upcast for a bf16 buffer from elsewhere.
+        load_state_dict_keeping_dtypes(
+            self,
+            super().load_state_dict,
+            state_dict,
+            dtype_of=lambda param, key, value: compute_dtype(param.dtype),
+            inspect=warn_if_foreign,
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
