@@ -641,3 +641,32 @@ def test_functional_rejects_tile_ids_the_kernel_could_not_trust():
                 lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, maximize=False, tile_size=64,
                 max_step=1,
             )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (DenseBlockAdamW, dict(lr=1e-3, rest="sgd", rest_lr=0.1, weight_decay=0.1)),
+        (DenseBlockAdamW, dict(lr=1e-3, select="off_principal", maximize=True)),
+        (DenseBlockSGD, dict(lr=0.1, momentum=0.9, nesterov=True, rest="sgd")),
+    ],
+)
+def test_optimizer_on_the_triton_backend_equals_the_torch_backend(cls, kwargs):
+    """The whole optimizer (selection, reselection, rest, the fused kernel, in the interpreter here)
+    gives the same weights and state on both backends, bf16 and fp32 params in one group."""
+    runs = {}
+    for backend in ("torch", "triton"):
+        params = _params([(64, 96), (96,), (70, 65)], dtype=torch.bfloat16, seed=8, scale=0.05)
+        params.append(torch.nn.Parameter(torch.randn(48, 100, generator=torch.Generator().manual_seed(9))))
+        optimizer = cls(params, density=0.1, reselect_every=2, dense_below=1000, backend=backend, **kwargs)
+        initial = [_bits(p) for p in params]
+        for step in range(4):
+            _grads(params, 30 + step, scale=0.02)
+            optimizer.step()
+        runs[backend] = (params, optimizer)
+    (torch_params, torch_optimizer), (triton_params, triton_optimizer) = runs["torch"], runs["triton"]
+    for mine, other in zip(triton_params, torch_params, strict=True):
+        assert torch.equal(_bits(mine), _bits(other))
+        for key, value in torch_optimizer.state[other].items():
+            assert torch.equal(triton_optimizer.state[mine][key], value), key
+    assert all(not torch.equal(_bits(p), old) for p, old in zip(triton_params, initial, strict=True))

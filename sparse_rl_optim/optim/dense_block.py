@@ -259,9 +259,16 @@ class _DenseBlockOptimizer(Optimizer):
         ]
         if not partial:
             return
-        saved = [
-            _gather_rows(params[i], self.state[params[i]]["tile_ids"], tile_size, params[i].dtype) for i in partial
-        ]
+        on_kernels = [self._tile_kernels_apply(params[i], group) for i in partial]
+        saved = []
+        for slot, kernels in zip(partial, on_kernels, strict=True):
+            param, ids = params[slot], self.state[params[slot]]["tile_ids"]
+            if kernels:  # the pack kernel: no host sync (the reference's partial-tile check reads the ids)
+                from sparse_rl_optim.kernels.launch import pack_tiles_triton
+
+                saved.append(pack_tiles_triton(param.detach().view(-1), None, None, ids, tile_size)[1])
+            else:
+                saved.append(_gather_rows(param, ids, tile_size, param.dtype))
         rlsgd(
             [params[i] for i in partial],
             [grads[i] for i in partial],
@@ -270,8 +277,20 @@ class _DenseBlockOptimizer(Optimizer):
             maximize=group["maximize"],
             backend=group["backend"],
         )
-        for slot, rows in zip(partial, saved, strict=True):
-            _scatter_rows(params[slot], rows, self.state[params[slot]]["tile_ids"], tile_size)
+        for slot, rows, kernels in zip(partial, saved, on_kernels, strict=True):
+            param, ids = params[slot], self.state[params[slot]]["tile_ids"]
+            if kernels:
+                from sparse_rl_optim.kernels.launch import apply_tiles_triton
+
+                apply_tiles_triton(param.detach().view(-1), rows, ids, tile_size, False)
+            else:
+                _scatter_rows(param, rows, ids, tile_size)
+
+    @staticmethod
+    def _tile_kernels_apply(param: Tensor, group: dict[str, Any]) -> bool:
+        """Whether the Triton tile kernels save and restore ``param``'s active tiles (CUDA, or the
+        interpreter with ``backend="triton"``; contiguous params)."""
+        return param.is_contiguous() and resolve_backend(group["backend"], [param]) == "triton"
 
     def _rest_lr(self, group: dict[str, Any]) -> float:
         """``rest_lr`` following the lr schedule: scaled by ``lr / initial_lr`` when a torch LR
