@@ -668,5 +668,83 @@ def test_optimizer_on_the_triton_backend_equals_the_torch_backend(cls, kwargs):
     for mine, other in zip(triton_params, torch_params, strict=True):
         assert torch.equal(_bits(mine), _bits(other))
         for key, value in torch_optimizer.state[other].items():
-            assert torch.equal(triton_optimizer.state[mine][key], value), key
+            mine_value = triton_optimizer.state[mine][key]
+            assert torch.equal(mine_value, value) if isinstance(value, torch.Tensor) else mine_value == value, key
     assert all(not torch.equal(_bits(p), old) for p, old in zip(triton_params, initial, strict=True))
+
+
+def test_loaded_step_counter_is_a_cpu_int64_and_foreign_settings_are_dropped():
+    params = _params([(64, 64)])
+    adamw = torch.optim.AdamW(params, lr=1e-3, amsgrad=True)
+    _grads(params, 0)
+    adamw.step()
+    optimizer = DenseBlockAdamW(params, lr=1e-3, density=0.25)
+    with pytest.warns(UserWarning, match=r"dropped settings .*amsgrad"):
+        optimizer.load_state_dict(adamw.state_dict())
+    assert "amsgrad" not in optimizer.param_groups[0] and "fused" not in optimizer.param_groups[0]
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["state"][0]["step"] = torch.tensor(1.0)  # as torch's own optimizers keep it (fp32), or on a GPU
+    optimizer.load_state_dict(saved)
+    step = optimizer.state[params[0]]["step"]
+    assert step.dtype == torch.int64 and step.device.type == "cpu" and int(step) == 1
+
+
+def test_numpy_integer_settings_run():
+    params = _params([(64, 64)])
+    optimizer = DenseBlockAdamW(params, lr=1e-3, select="random", seed=np.int64(3), tile_size=np.int64(64))
+    _grads(params, 0)
+    optimizer.step()
+    assert type(optimizer.param_groups[0]["tile_size"]) is int and optimizer.state[params[0]]["tile_ids"].numel() == 3
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "onecycle"])
+def test_rest_lr_scales_with_any_scheduler(scheduler):
+    (param,) = _params([(64, 64)])
+    optimizer = DenseBlockAdamW([param], lr=1e-3, density=0.1, rest="sgd", rest_lr=0.1)
+    if scheduler == "plateau":
+        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=0)
+        for _ in range(3):
+            schedule.step(1.0)  # no improvement: lr drops
+    else:
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=10)
+    lr = optimizer.param_groups[0]["lr"]
+    assert lr < 1e-3
+    assert optimizer._rest_lr(optimizer.param_groups[0]) == pytest.approx(0.1 * lr / 1e-3)
+
+
+def test_state_of_another_setting_is_rebuilt_not_a_key_error():
+    (param,) = _params([(64, 64)])
+    sgd = DenseBlockSGD([param], lr=0.1, density=0.25)
+    _grads([param], 0)
+    sgd.step()
+    adamw = DenseBlockAdamW([param], lr=1e-3, density=0.25)
+    adamw.load_state_dict(sgd.state_dict())  # tiles, no moments
+    adamw.step()
+    assert adamw.state[param]["exp_avg"].shape == (16, 64) and (adamw.state[param]["tile_steps"] == 1).all()
+    sgd.param_groups[0]["momentum"] = 0.9  # momentum switched on mid-run
+    sgd.step()
+    assert torch.equal(sgd.state[param]["momentum_buffer"], param.grad.reshape(-1, 64)[sgd.state[param]["tile_ids"]])
+    sgd.param_groups[0]["momentum"] = 0.0
+    sgd.step()
+    assert "momentum_buffer" not in sgd.state[param] and "tile_steps" not in sgd.state[param]
+    sgd.param_groups[0]["tile_size"] = 128  # the ids are of tiles of 64: refused, not misread
+    with pytest.raises(ValueError, match="tile_size changed from 64 to 128"):
+        sgd.step()
+
+
+def test_a_rejected_state_dict_changes_nothing():
+    params = _params([(64, 128)])
+    optimizer = DenseBlockAdamW(params, lr=1e-3, density=0.1, select="random")
+    _grads(params, 0)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    other_params = _params([(32, 128)])
+    other = DenseBlockAdamW(other_params, lr=1e-3, density=0.1, select="random", seed=5)
+    _grads(other_params, 1)
+    other.step()
+    before = {key: value.clone() for key, value in other.state[other_params[0]].items() if torch.is_tensor(value)}
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_state_dict(saved)
+    assert other.param_groups[0]["seed"] == 5
+    assert all(torch.equal(other.state[other_params[0]][key], value) for key, value in before.items())

@@ -24,17 +24,23 @@ def load_state_dict_keeping_dtypes(
     state_dict: dict[str, Any],
     dtype_of: Callable[[Tensor, str, Tensor], torch.dtype],
     inspect: Callable[[dict[str, Any]], None] | None = None,
+    keys: tuple[str, ...] | None = None,
 ) -> None:
     """Run ``load(state_dict)`` (``Optimizer.load_state_dict``), then put back every non-``step``
     state tensor as saved, moved to its param's device, in ``dtype_of(param, key, saved_value)``.
-    ``inspect`` sees the incoming dict after every user pre-hook (to warn or validate)."""
+    ``inspect`` sees the incoming dict after every user pre-hook (to warn or validate). ``keys``:
+    restore only these (others keep torch's handling)."""
     saved: dict[str, Any] = {}
 
     def stash(_: Optimizer, incoming: dict[str, Any]) -> None:
         # Registered last, so it sees the dict after every user pre-hook.
         saved["ids"] = [index for group in incoming["param_groups"] for index in group["params"]]
         saved["state"] = {
-            index: {key: value for key, value in entry.items() if key != "step" and isinstance(value, Tensor)}
+            index: {
+                key: value
+                for key, value in entry.items()
+                if key != "step" and isinstance(value, Tensor) and (keys is None or key in keys)
+            }
             for index, entry in incoming.get("state", {}).items()
             if isinstance(entry, dict)
         }

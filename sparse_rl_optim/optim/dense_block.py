@@ -82,6 +82,7 @@ class _DenseBlockOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in {**_COMMON_DEFAULTS, **self._extra_defaults()}.items():
                 group.setdefault(key, value)
+            group.setdefault("rest_lr_base", float(group["lr"]))
 
     @classmethod
     def _extra_defaults(cls) -> dict[str, Any]:
@@ -110,6 +111,12 @@ class _DenseBlockOptimizer(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        for key in ("tile_size", "reselect_every", "dense_below", "principal_rank", "seed"):
+            if group[key] is not None:
+                group[key] = int(group[key])  # numpy integers too: Python ints from here on
+        group["density"], group["principal_fraction"] = float(group["density"]), float(group["principal_fraction"])
+        # rest_lr is paired with this lr: when a scheduler (or the user) changes lr, rest_lr scales along.
+        group.setdefault("rest_lr_base", float(group["lr"]))
         if group["rest"] == "freeze" and group["rest_lr"] is not None:
             warn(f"{type(self).__name__}: rest_lr={group['rest_lr']} is unused with rest='freeze'")
 
@@ -142,6 +149,8 @@ class _DenseBlockOptimizer(Optimizer):
                 state["step"] = torch.tensor(0, dtype=torch.int64)  # on the CPU: reading it never syncs
             step = int(state["step"].item())  # a CPU tensor: no device sync
             total = num_tiles(param.numel(), tile_size)
+            if "tile_ids" in state:
+                self._check_rows(param, group)
             if self.is_dense(param, group) or group["density"] >= 1.0:
                 if "tile_ids" not in state or state["tile_ids"].numel() != total:
                     self._warn_if_flat(param, group)
@@ -179,6 +188,23 @@ class _DenseBlockOptimizer(Optimizer):
             if "grad_energy" in state:
                 state["grad_energy"] = torch.zeros_like(state["grad_energy"])  # a new window
 
+    def _check_rows(self, param: Tensor, group: dict[str, Any]) -> None:
+        """State rows that fit the group's settings: a changed ``tile_size`` is an error; rows a
+        changed setting now needs (``momentum`` set on a running ``DenseBlockSGD``) start from zero,
+        rows it no longer needs are freed."""
+        state = self.state[param]
+        widths = {state[key].shape[-1] for key in _ROW_KEYS if key in state} | {state.get("tile_size")} - {None}
+        if widths and widths != {group["tile_size"]}:
+            raise ValueError(
+                f"{type(self).__name__}: tile_size changed from {widths.pop()} to {group['tile_size']} for a "
+                "parameter with state; the tile geometry of a running optimizer cannot change (make a new one)"
+            )
+        row_keys = self._row_keys(group)
+        expected = {*row_keys, "tile_steps"} if row_keys else set()
+        present = {key for key in (*_ROW_KEYS, "tile_steps") if key in state}
+        if present != expected:
+            self._set_tiles(param, group, state["tile_ids"])
+
     #: A 1-D tensor this large is most likely a flattened parameter (FSDP1 / DeepSpeed flat params).
     _FLAT_WARNING_NUMEL = 1 << 20
 
@@ -200,13 +226,18 @@ class _DenseBlockOptimizer(Optimizer):
         count = tile_ids.numel()
         new_rows = {key: torch.zeros(count, tile_size, dtype=_ROW_DTYPE, device=param.device) for key in row_keys}
         new_steps = torch.zeros(count, dtype=torch.int32, device=param.device)
-        if old_ids is not None and old_ids.numel() and count and row_keys:
+        # Rows carry over only if all of them exist (a group that just got momentum starts fresh).
+        complete = all(key in state for key in (*row_keys, "tile_steps"))
+        if old_ids is not None and old_ids.numel() and count and row_keys and complete:
             where = torch.searchsorted(old_ids, tile_ids).clamp(max=old_ids.numel() - 1)
             kept = old_ids[where] == tile_ids
             for key in row_keys:
                 new_rows[key][kept] = state[key][where[kept]]
             new_steps[kept] = state["tile_steps"][where[kept]]
+        for key in (*_ROW_KEYS, "tile_steps"):  # state of another setting (momentum now 0): freed
+            state.pop(key, None)
         state["tile_ids"] = tile_ids
+        state["tile_size"] = tile_size  # the geometry the ids refer to
         if row_keys:  # the per-tile step counts: bias correction, a momentum buffer's first step
             state["tile_steps"] = new_steps
         state.update(new_rows)
@@ -293,12 +324,19 @@ class _DenseBlockOptimizer(Optimizer):
         return param.is_contiguous() and resolve_backend(group["backend"], [param]) == "triton"
 
     def _rest_lr(self, group: dict[str, Any]) -> float:
-        """``rest_lr`` following the lr schedule: scaled by ``lr / initial_lr`` when a torch LR
-        scheduler drives the group (schedulers record ``initial_lr``)."""
-        rest_lr = group["rest_lr"] if group["rest_lr"] is not None else group["lr"]
-        if group["rest_lr"] is not None and group.get("initial_lr"):
-            return float(rest_lr) * float(group["lr"]) / float(group["initial_lr"])
-        return float(rest_lr)
+        """``rest_lr`` following the group's lr: ``rest_lr * lr / rest_lr_base``, ``rest_lr_base`` the
+        group's lr when it was added (so any LR scheduler, or a manual change of lr, scales both);
+        ``lr`` itself when ``rest_lr`` is None (DenseBlockSGD)."""
+        if group["rest_lr"] is None:
+            return float(group["lr"])
+        base = group.get("rest_lr_base") or 0.0
+        return float(group["rest_lr"]) * float(group["lr"]) / base if base else float(group["rest_lr"])
+
+    @staticmethod
+    def _tile_kernels_apply(param: Tensor, group: dict[str, Any]) -> bool:
+        """Whether the Triton tile kernels save and restore ``param``'s active tiles (CUDA, or the
+        interpreter with ``backend="triton"``; contiguous params)."""
+        return param.is_contiguous() and resolve_backend(group["backend"], [param]) == "triton"
 
     def _step_active(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
         raise NotImplementedError
@@ -307,44 +345,61 @@ class _DenseBlockOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``, but state keeps its dtypes (fp32 rows, int64 tile ids,
-        int32 tile steps) instead of being cast to the param dtype, and its layout is checked
-        against the param and the group's ``tile_size``. A state dict from another optimizer (e.g.
-        ``torch.optim.AdamW``): the settings it lacks (``density``, ``tile_size``, ...) are kept from
-        this optimizer's groups, and its per-param state, which has no tiles, is dropped (the tiles
-        are selected on the next step, their moments start from zero); both with a warning."""
+        int32 tile steps, a CPU int64 step counter) instead of being cast to the param dtype, and its
+        layout is checked against the params and the groups' ``tile_size`` before anything is
+        loaded. A state dict from another optimizer (e.g. ``torch.optim.AdamW``): the settings it
+        lacks (``density``, ``tile_size``, ...) are kept from this optimizer's groups, settings this
+        optimizer does not have (``amsgrad``, ``fused``, ...) are dropped, and its per-param state,
+        which has no tiles, is dropped (the tiles are selected on the next step, their state starts
+        from zero); all with a warning."""
         name = type(self).__name__
+        own = {"lr", *_COMMON_DEFAULTS, *self._extra_defaults()}
+        # (torch adds "differentiable" to every group; LR schedulers add "initial_lr")
+        known = {*own, "params", "initial_lr", "rest_lr_base", "differentiable"}
 
-        def fill_missing_settings(incoming: dict[str, Any]) -> None:
+        def prepare(incoming: dict[str, Any]) -> None:
             saved_groups = incoming["param_groups"]
-            missing = sorted({key for group in saved_groups for key in self.defaults if key not in group})
-            if not missing or len(saved_groups) != len(self.param_groups):
-                return  # (a different number of groups: torch raises its own error)
-            incoming["param_groups"] = [
-                {**{key: value for key, value in current.items() if key != "params"}, **saved}
-                for current, saved in zip(self.param_groups, saved_groups, strict=True)
-            ]
-            warn(f"{name}.load_state_dict: the state dict lacks {missing}; keeping this optimizer's values")
+            if len(saved_groups) != len(self.param_groups):
+                return  # torch raises its own error
+            missing = sorted({key for group in saved_groups for key in own if key not in group})
+            foreign = sorted({key for group in saved_groups for key in group if key not in known})
+            if missing or foreign:
+                incoming["param_groups"] = [
+                    {
+                        **{key: value for key, value in current.items() if key != "params"},
+                        **{key: value for key, value in saved.items() if key in known},
+                    }
+                    for current, saved in zip(self.param_groups, saved_groups, strict=True)
+                ]
+                warn(
+                    f"{name}.load_state_dict: the state dict was not saved by {name}"
+                    + (f"; it lacks {missing}, kept from this optimizer" if missing else "")
+                    + (f"; dropped settings {name} does not have: {foreign}" if foreign else "")
+                )
+            # Check the layout now, before torch swaps anything in.
+            for current, saved in zip(self.param_groups, incoming["param_groups"], strict=True):
+                settings = {**current, **saved}
+                _validate_common(settings)
+                for index, param in zip(saved["params"], current["params"], strict=False):
+                    entry = incoming.get("state", {}).get(index)
+                    if isinstance(entry, dict) and "tile_ids" in entry:
+                        _check_state_layout(entry, param, settings, self._row_keys(settings))
 
         load_state_dict_keeping_dtypes(
-            self,
-            super().load_state_dict,
-            state_dict,
-            dtype_of=lambda param, key, value: value.dtype,
-            inspect=fill_missing_settings,
+            self, super().load_state_dict, state_dict, dtype_of=lambda param, key, value: value.dtype, inspect=prepare
         )
-        foreign = [param for param, state in self.state.items() if state and "tile_ids" not in state]
-        if foreign:
-            keys = sorted({key for param in foreign for key in self.state[param]})
-            for param in foreign:
+        untiled = [param for param, state in self.state.items() if state and "tile_ids" not in state]
+        if untiled:
+            keys = sorted({key for param in untiled for key in self.state[param]})
+            for param in untiled:
                 del self.state[param]
             warn(
-                f"{name}.load_state_dict: dropped the state of {len(foreign)} params that has no tiles "
+                f"{name}.load_state_dict: dropped the state of {len(untiled)} params that has no tiles "
                 f"(keys {keys}: not saved by a dense-block optimizer); their tiles are selected on the next step"
             )
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param in self.state:
-                    _check_state_layout(self.state[param], param, group, self._row_keys(group))
+        for state in self.state.values():
+            # On the CPU, as created: reading it then never waits for a GPU (torch may move it).
+            state["step"] = torch.tensor(int(state["step"]), dtype=torch.int64)
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (measured, as :func:`optimizer_state_bytes`)."""
@@ -423,8 +478,8 @@ class DenseBlockAdamW(_DenseBlockOptimizer):
             its own bias correction. ``"grad"`` ranks by the gradient energy summed since the last
             selection; the first selection uses the first step's gradient.
         rest: ``"freeze"`` or ``"sgd"`` (then ``rest_lr`` is required: SGD needs a far larger
-            learning rate than AdamW, ~0.1 in RL). Under a torch LR scheduler ``rest_lr`` follows the
-            schedule: it is scaled by ``lr / initial_lr``.
+            learning rate than AdamW, ~0.1 in RL). ``rest_lr`` follows the group's lr: it is scaled by
+            ``lr / (the lr when the group was added)``, so LR schedulers move both.
         dense_below: tensors with fewer elements, and every tensor with fewer than 2 dimensions,
             are handled densely: all tiles active, full AdamW state (counted in the memory report).
         principal_rank, principal_fraction: the rank-k reconstruction and the top fraction of
@@ -680,7 +735,9 @@ def _check_state_layout(state: dict[str, Any], param: Tensor, group: dict[str, A
     tile_size = group["tile_size"]
     total = num_tiles(param.numel(), tile_size)
     problem = None
-    if tile_ids.dim() != 1 or tile_ids.dtype != torch.int64:
+    if state.get("tile_size", tile_size) != tile_size:
+        problem = f"its tile ids are of tiles of {state['tile_size']}, the group's tile_size is {tile_size}"
+    elif tile_ids.dim() != 1 or tile_ids.dtype != torch.int64:
         problem = f"tile_ids must be 1-D int64, got {tuple(tile_ids.shape)} {tile_ids.dtype}"
     elif tile_ids.numel() and (
         int(tile_ids.min()) < 0 or int(tile_ids.max()) >= total or bool((tile_ids.diff() <= 0).any())

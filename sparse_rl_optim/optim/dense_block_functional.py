@@ -15,7 +15,6 @@ partial last tile stay 0).
 from __future__ import annotations
 
 import functools
-import math
 import struct
 
 import torch
@@ -35,8 +34,11 @@ def _fp32(value: float) -> float:
 
 @functools.lru_cache(maxsize=16)
 def _bias_table(beta1: float, beta2: float, capacity: int, device: torch.device) -> Tensor:
-    rows = [(1.0, 1.0)] + [(1.0 - beta1**step, math.sqrt(1.0 - beta2**step)) for step in range(1, capacity)]
-    return torch.tensor(rows, dtype=torch.float64).to(torch.float32).to(device)
+    # Vectorized in float64 (a schedule that changes the betas every step rebuilds it every step).
+    steps = torch.arange(capacity, dtype=torch.float64)
+    table = torch.stack([1.0 - torch.pow(beta1, steps), torch.sqrt(1.0 - torch.pow(beta2, steps))], dim=1)
+    table[0] = 1.0  # row 0 is never read (a tile's first step is s = 1); 1 keeps it finite
+    return table.to(torch.float32).to(device)
 
 
 def bias_corrections(beta1: float, beta2: float, max_step: int, device: torch.device | str) -> Tensor:

@@ -235,6 +235,7 @@ class RLSGD(Optimizer):
             state_dict,
             dtype_of=lambda param, key, value: compute_dtype(param.dtype),
             inspect=warn_if_foreign,
+            keys=("momentum_buffer",),
         )
 
     @torch.no_grad()

@@ -86,7 +86,7 @@ def _low_rank_reconstruction(matrix: Tensor, rank: int, seed: int) -> Tensor:
     if min(matrix.shape) <= _EXACT_SVD_MAX_DIM:
         left, values, right_t = torch.linalg.svd(matrix, full_matrices=False)
         return (left[:, :rank] * values[:rank]) @ right_t[:rank]
-    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed % (1 << 63))
     probes = min(rank + 8, *matrix.shape)
     sketch = torch.randn(matrix.shape[1], probes, generator=generator, device=matrix.device)
     basis = torch.linalg.qr(matrix @ sketch).Q
