@@ -54,9 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="demo_output")
+    parser.add_argument(
+        "--delta-sync",
+        action="store_true",
+        help="keep an in-process replica in sync by delta packets at every GRPO weight sync; report packet sizes",
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="save model checkpoints every N steps (for RELEX; 0: none)"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.save_every < 0:
+        parser.error("--save-every must be >= 0")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     return args
@@ -186,11 +196,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if args.save_every else "no",
+        save_steps=args.save_every or 500,
+        save_only_model=True,
         seed=args.seed,
         disable_tqdm=True,
     )
     callback = PrecisionGateCallback(jsonl_path=str(output_dir / "gate_history.jsonl"))
+    callbacks: list[Any] = [callback]
+    delta_callback = None
+    if args.delta_sync:
+        import copy
+
+        from sparse_rl_optim.integrations.trl import DeltaSyncCallback
+
+        # The replica stands in for the inference engine: it starts from other weights (the anchor fixes that).
+        replica = copy.deepcopy(model)
+        with torch.no_grad():
+            for param in replica.parameters():
+                param.zero_()
+        delta_callback = DeltaSyncCallback(replica)
+        callbacks.append(delta_callback)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=addition_reward,
@@ -200,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         processing_class=tokenizer,
         optimizers=(optimizer, None),
-        callbacks=[callback],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the table below replaces the per-step log dicts
     trainer.train()
@@ -231,6 +257,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer_state_report": optimizer.state_bytes_report() if hasattr(optimizer, "state_bytes_report") else None,
         "adamw_state_bytes": measured_adamw_state_bytes(model),
         "tracker_memory": summary["memory"],
+        "delta_sync": None
+        if delta_callback is None
+        else {**delta_callback.delta_summary(), "records": delta_callback.syncs},
         "seconds": time.perf_counter() - started,
     }
     (output_dir / "summary.json").write_text(json.dumps(figures, indent=2))
@@ -272,6 +301,15 @@ def _print_summary(figures: dict[str, Any], output_dir: Path) -> None:
         f"{figures['mean_reward_last_quarter']:.3f} in the last; greedy accuracy on 256 held-out prompts "
         f"{figures['greedy_accuracy_before']:.3f} -> {figures['greedy_accuracy_after']:.3f}"
     )
+    delta = figures["delta_sync"]
+    if delta is not None and delta["deltas"]:
+        shipped = delta["delta_packet_bytes"] / delta["deltas"]
+        full = delta["delta_full_bytes"] / delta["deltas"]
+        print(
+            f"delta sync: {delta['syncs']} syncs verified bit-exact on the replica; a delta packet is {shipped:,.0f} B "
+            f"on average against {full:,.0f} B for the full bf16 state dict ({full / shipped:.1f}x smaller), "
+            f"{100 * delta['changed_elements'] / delta['deltas'] / params:.2f}% of the weights changed per sync"
+        )
     memory = figures["tracker_memory"]
     print(
         f"tracker memory: {memory['persistent_bytes_per_param']:.3f} B/param persistent, "

@@ -1,0 +1,182 @@
+"""How one tensor's changes are encoded in a delta packet: the ``tiles`` and ``sparse`` encodings.
+
+* ``tiles``: the ids of the tiles (:mod:`sparse_rl_optim.tiles`) holding a change, and their new
+  values, dense ``[n, tile_size]``: what a GPU applies fastest (one kernel writes whole tiles).
+* ``sparse``: for the wire and the disk. The changed elements' flat positions, delta-coded (gaps
+  between successive positions) as LEB128 varints, and per element the difference of the new and
+  old bit patterns (integer, modulo 2**bits), zigzag-coded as varints: a change of one ulp is the
+  pattern +-1, one byte. Both streams are deflate-compressed (zlib). Applying needs the old values,
+  which the replica holds (its checksum is verified first).
+
+Bit patterns are those of the stored dtype (2 bytes for bf16/fp16, 4 for fp32, 8 for fp64), so
+both encodings are bit-exact for every floating dtype.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sparse_rl_optim.tiles import _bits_dtype, _sum_per_tile, num_tiles
+
+__all__ = ["ENCODINGS", "EncodedTensor", "decode_into", "encode_change", "tensor_checksum"]
+
+ENCODINGS = ("tiles", "sparse")
+_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclass
+class EncodedTensor:
+    """One tensor's change. ``encoding`` ``"tiles"``: ``tile_ids`` (int32) and ``values``
+    ``[n, tile_size]`` (the tensor's dtype); ``"sparse"``: ``positions`` and ``differences``
+    (compressed varint byte streams, uint8 tensors) and ``count`` changed elements."""
+
+    encoding: str
+    count: int
+    tile_size: int = 0
+    tile_ids: Tensor | None = None
+    values: Tensor | None = None
+    positions: Tensor | None = None
+    differences: Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of the payload tensors."""
+        parts = (self.tile_ids, self.values, self.positions, self.differences)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def _bits(tensor: Tensor) -> Tensor:
+    """The raw bit patterns of a floating tensor, flat, as the signed integer of its width."""
+    return tensor.detach().contiguous().view(-1).view(_bits_dtype(tensor.dtype))
+
+
+_MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's increment, as a signed int64
+
+
+def tensor_checksum(tensor: Tensor) -> int:
+    """A position-sensitive 64-bit checksum of a tensor's bit patterns, computed where it lives:
+    ``sum_i mix(i) * (bits_i + 1)`` modulo 2**64, ``mix(i)`` an odd multiplicative hash of the
+    index (so a swap or a shifted run changes it, and zeros count)."""
+    bits = _bits(tensor).to(torch.int64)
+    index = torch.arange(bits.numel(), dtype=torch.int64, device=bits.device)
+    mix = (index * _MIX) ^ (index >> 29)
+    mix = mix * 0x2545F4914F6CDD1D | 1  # int64 arithmetic wraps modulo 2**64
+    return int(((bits + 1) * mix).sum())
+
+
+def _varint_encode(values: np.ndarray) -> bytes:
+    """LEB128: 7 bits per byte, the high bit set on every byte but a value's last."""
+    values = values.astype(np.uint64)
+    lengths = np.ones(len(values), dtype=np.int64)
+    rest = values >> np.uint64(7)
+    while rest.any():  # integer bytes count (a float log2 misjudges values near 2**63)
+        lengths += rest > 0
+        rest >>= np.uint64(7)
+    ends = np.cumsum(lengths)
+    out = np.zeros(int(ends[-1]) if len(ends) else 0, dtype=np.uint8)
+    starts = ends - lengths
+    for byte in range(int(lengths.max()) if len(lengths) else 0):
+        has = lengths > byte
+        chunk = (values[has] >> np.uint64(7 * byte)) & np.uint64(0x7F)
+        more = (lengths[has] > byte + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[has] + byte] = (chunk | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def _varint_decode(data: bytes, count: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    last = (raw & 0x80) == 0
+    if int(last.sum()) != count:
+        raise ValueError(f"corrupt varint stream: {int(last.sum())} values where {count} were expected")
+    ends = np.flatnonzero(last)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    lengths = ends - starts + 1
+    values = np.zeros(count, dtype=np.uint64)
+    for byte in range(int(lengths.max()) if count else 0):
+        has = lengths > byte
+        values[has] |= (raw[starts[has] + byte] & 0x7F).astype(np.uint64) << np.uint64(7 * byte)
+    return values
+
+
+def _zigzag(values: np.ndarray) -> np.ndarray:
+    signed = values.astype(np.int64)
+    return ((signed << 1) ^ (signed >> 63)).astype(np.uint64)
+
+
+def _unzigzag(values: np.ndarray) -> np.ndarray:
+    return ((values >> np.uint64(1)).astype(np.int64) ^ -((values & np.uint64(1)).astype(np.int64))).astype(np.int64)
+
+
+def _as_uint8(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def encode_change(old: Tensor, new: Tensor, encoding: str, tile_size: int) -> EncodedTensor:
+    """Encode what differs between ``old`` and ``new`` (same shape and dtype; bit patterns compared)
+    as ``encoding`` ``"tiles"`` or ``"sparse"``, or ``"auto"``: the smaller of the two."""
+    if old.shape != new.shape or old.dtype != new.dtype:
+        raise ValueError(f"old and new differ: {tuple(old.shape)} {old.dtype} vs {tuple(new.shape)} {new.dtype}")
+    old_bits, new_bits = _bits(old), _bits(new)
+    changed = old_bits != new_bits
+    if encoding == "auto":
+        candidates = [encode_change(old, new, name, tile_size) for name in ENCODINGS]
+        return min(candidates, key=EncodedTensor.nbytes)
+    if encoding == "tiles":
+        counts = _sum_per_tile(changed.to(torch.int32), tile_size)
+        tile_ids = counts.nonzero().reshape(-1)
+        numel = new_bits.numel()
+        element = tile_ids.unsqueeze(1) * tile_size + torch.arange(tile_size, device=tile_ids.device)
+        inside = element < numel
+        values = torch.zeros(tile_ids.numel(), tile_size, dtype=new.dtype, device=new.device)
+        flat = new.detach().contiguous().view(-1)
+        values[inside] = flat[element[inside]]
+        return EncodedTensor("tiles", int(changed.sum()), tile_size, tile_ids.to(torch.int32).cpu(), values.cpu())
+    if encoding != "sparse":
+        raise ValueError(f"Unknown encoding {encoding!r}; expected one of {(*ENCODINGS, 'auto')}")
+    positions = changed.nonzero().reshape(-1).cpu().numpy().astype(np.int64)
+    gaps = np.diff(positions, prepend=0) if len(positions) else positions
+    width = old.element_size()
+    unsigned = _UNSIGNED[width]
+    old_u = old_bits.cpu().numpy().view(unsigned)[positions]
+    new_u = new_bits.cpu().numpy().view(unsigned)[positions]
+    # new - old modulo 2**bits, read as signed: +-1 for a one-ulp change.
+    signed = (new_u - old_u).view(_signed_np(width))
+    return EncodedTensor(
+        "sparse",
+        len(positions),
+        positions=_as_uint8(zlib.compress(_varint_encode(gaps.astype(np.uint64)), 6)),
+        differences=_as_uint8(zlib.compress(_varint_encode(_zigzag(signed)), 6)),
+    )
+
+
+def _signed_np(width: int) -> type:
+    return {2: np.int16, 4: np.int32, 8: np.int64}[width]
+
+
+def decode_into(target: Tensor, encoded: EncodedTensor) -> tuple[Tensor, Tensor]:
+    """The flat element positions and new bit patterns (target's integer dtype, on its device) that
+    ``encoded`` writes into ``target`` (which holds the old values); nothing is written here."""
+    bits = _bits(target)
+    numel = bits.numel()
+    if encoded.encoding == "tiles":
+        tile_ids = encoded.tile_ids.to(torch.int64)
+        if tile_ids.numel() and (int(tile_ids.min()) < 0 or int(tile_ids.max()) >= num_tiles(numel, encoded.tile_size)):
+            raise ValueError("packet tile ids out of range for the replica's tensor")
+        element = tile_ids.unsqueeze(1) * encoded.tile_size + torch.arange(encoded.tile_size)
+        inside = element < numel
+        values = encoded.values.contiguous().view(_bits_dtype(encoded.values.dtype))
+        return element[inside].to(bits.device), values[inside].to(bits.device)
+    raw_positions = zlib.decompress(encoded.positions.numpy().tobytes())
+    raw_differences = zlib.decompress(encoded.differences.numpy().tobytes())
+    positions = np.cumsum(_varint_decode(raw_positions, encoded.count).astype(np.int64))
+    if encoded.count and (positions[-1] >= numel or positions.min() < 0):
+        raise ValueError("packet positions out of range for the replica's tensor")
+    width = target.element_size()
+    differences = _unzigzag(_varint_decode(raw_differences, encoded.count)).astype(_signed_np(width))
+    old = bits.cpu().numpy().view(_UNSIGNED[width])[positions]
+    new = (old + differences.view(_UNSIGNED[width])).view(_signed_np(width))
+    return torch.from_numpy(positions).to(bits.device), torch.from_numpy(new.copy()).to(bits.device)
