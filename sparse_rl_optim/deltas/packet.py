@@ -25,7 +25,16 @@ from torch import Tensor, nn
 from sparse_rl_optim.deltas.encoding import ENCODINGS, EncodedTensor, decode_into, encode_change, tensor_checksum
 from sparse_rl_optim.tiles import DEFAULT_TILE_SIZE, _bits_dtype, check_tile_size
 
-__all__ = ["DeltaPacket", "DeltaReceiver", "DeltaSender", "PacketError", "load_packet", "make_packet", "save_packet"]
+__all__ = [
+    "DeltaPacket",
+    "DeltaReceiver",
+    "DeltaSender",
+    "PacketError",
+    "load_packet",
+    "make_packet",
+    "packet_to_bytes",
+    "save_packet",
+]
 
 
 class PacketError(ValueError):
@@ -279,7 +288,15 @@ def _write_back(target: Tensor, bits: Tensor) -> None:
 
 def save_packet(packet: DeltaPacket, path: str | os.PathLike[str]) -> int:
     """Write a packet as one safetensors file (tensors plus JSON metadata); returns its size in bytes."""
-    from safetensors.torch import save_file
+    data = packet_to_bytes(packet)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return len(data)
+
+
+def packet_to_bytes(packet: DeltaPacket) -> bytes:
+    """The packet as the bytes of a safetensors file (what :func:`save_packet` writes, what a wire carries)."""
+    from safetensors.torch import save
 
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {
@@ -299,8 +316,7 @@ def save_packet(packet: DeltaPacket, path: str | os.PathLike[str]) -> int:
             value = getattr(encoded, part)
             if value is not None:
                 tensors[f"{part}/{name}"] = value.contiguous()
-    save_file(tensors, str(path), metadata={"sparse_rl_optim.packet": json.dumps(meta)})
-    return os.path.getsize(path)
+    return save(tensors, metadata={"sparse_rl_optim.packet": json.dumps(meta, separators=(",", ":"))})
 
 
 def load_packet(path: str | os.PathLike[str]) -> DeltaPacket:

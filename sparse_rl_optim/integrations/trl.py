@@ -36,7 +36,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from trl import GRPOTrainer
 
 from sparse_rl_optim.deltas.encoding import ENCODINGS, tensor_checksum
-from sparse_rl_optim.deltas.packet import DeltaReceiver, DeltaSender
+from sparse_rl_optim.deltas.packet import DeltaReceiver, DeltaSender, packet_to_bytes
 from sparse_rl_optim.tiles import DEFAULT_TILE_SIZE, _bits_dtype
 from sparse_rl_optim.tracker import PrecisionGateTracker
 
@@ -457,6 +457,8 @@ class DeltaSyncCallback(WeightSyncScheduleCallback):
             "sequence": packet.sequence,
             "anchor": packet.is_anchor,
             "packet_bytes": packet.nbytes(),
+            # As a safetensors file (what a wire or a disk carries): payload plus header and checksums.
+            "file_bytes": len(packet_to_bytes(packet)),
             "full_bytes": self._full_bytes,
             "changed_elements": None if changes is None else sum(c.count for c in changes.values()),
             "changed_tensors": None if changes is None else len(changes),
