@@ -346,3 +346,20 @@ def test_console_script(saved, tmp_path):
     from safetensors.torch import load_file
 
     _assert_bit_equal({name: load_file(out)[name] for name in copies[35]}, copies[35])
+
+
+def test_cli_refuses_to_overwrite_the_checkpoint_it_reads(tmp_path):
+    from sparse_rl_optim.deltas.checkpoint import DeltaCheckpointWriter
+    from sparse_rl_optim.deltas.cli import main
+
+    writer = DeltaCheckpointWriter(tmp_path / "ckpt", {"w": torch.randn(64)})
+    writer.save(0)
+    for name in ("manifest.json", "packet-00000001.safetensors"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["rebuild", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ckpt" / name)])
+        assert exit_info.value.code == 2
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    manifest["packets"][0]["step"] = None
+    (tmp_path / "ckpt" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="must be integers"):
+        read_manifest(tmp_path / "ckpt")

@@ -294,3 +294,36 @@ def test_stale_anchors_and_malformed_packets_are_refused_without_touching_the_re
     receiver.apply(first)  # after a reset an older anchor is accepted again
     with pytest.raises(ValueError, match="tile_size"):
         DeltaSender(weights, tile_size=48)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "pattern"),
+    [
+        (torch.bfloat16, "plus_minus_minus_plus"),
+        (torch.float32, "d_minus_2d_d"),
+        (torch.float64, "two_sign_flips"),
+    ],
+)
+def test_checksum_catches_changes_that_cancel_in_a_weighted_sum(dtype, pattern):
+    """Patterns that a linear checksum (weights times bits) cannot see: each must change it."""
+    tensor = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.1).to(dtype)
+    edited = tensor.clone()
+    bits = _bits(edited)
+    if pattern == "plus_minus_minus_plus":
+        bits[500:504] += torch.tensor([1, -1, -1, 1], dtype=bits.dtype)
+    elif pattern == "d_minus_2d_d":
+        bits[[10, 12, 14]] += torch.tensor([3, -6, 3], dtype=bits.dtype)
+    else:
+        edited[[3, 9]] = -edited[[3, 9]]
+    assert not torch.equal(_bits(edited), _bits(tensor))
+    assert tensor_checksum(edited) != tensor_checksum(tensor)
+    assert tensor_checksum(tensor.reshape(10, 100)) != tensor_checksum(tensor)  # the shape counts too
+
+
+def test_an_anchor_the_replica_cannot_hold_is_refused():
+    weights = {"a": torch.randn(8), "b": torch.randn(8)}
+    shared = torch.zeros(8)
+    receiver = DeltaReceiver({"a": shared, "b": shared})  # tied: one storage under two names
+    with pytest.raises(PacketError, match="do not hold the anchor"):
+        receiver.apply(DeltaSender(weights).packet())
+    assert receiver.sequence is None

@@ -127,6 +127,11 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         missing = [key for key in ("sequence", "follows", "step", "file", "kind", "sha256") if key not in entry]
         if missing:
             raise CheckpointError(f"{path}: packet entry {index} lacks {missing}")
+        integers = [entry["sequence"], entry["step"]] + ([entry["follows"]] if entry["follows"] is not None else [])
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in integers) or not isinstance(
+            entry["file"], str
+        ):
+            raise CheckpointError(f"{path}: packet entry {index}: sequence, step and follows must be integers")
         if entry["kind"] not in ("anchor", "delta") or (entry["kind"] == "anchor") != (entry["follows"] is None):
             raise CheckpointError(f"{path}: packet {entry['sequence']}: kind {entry['kind']!r} and follows disagree")
         if os.path.basename(entry["file"]) != entry["file"]:

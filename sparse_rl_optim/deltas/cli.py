@@ -125,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out)
             if not out.parent.is_dir():
                 parser.error(f"--out {args.out}: the directory {out.parent} does not exist")
+            if out.resolve().parent == Path(args.directory).resolve() and (
+                out.name == "manifest.json" or out.name.startswith("packet-")
+            ):
+                parser.error(f"--out {args.out} would overwrite a file of the checkpoint it reads")
             _rebuild(args.directory, args.step, args.out, args.device)
         else:
             _inspect(args.directory)

@@ -54,18 +54,49 @@ def _bits(tensor: Tensor) -> Tensor:
     return tensor.detach().contiguous().view(-1).view(_bits_dtype(tensor.dtype))
 
 
-_MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's increment, as a signed int64
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GAMMA = _signed64(0x9E3779B97F4A7C15)  # splitmix64's increment and multipliers, as signed int64
+_MUL_1 = _signed64(0xBF58476D1CE4E5B9)
+_MUL_2 = _signed64(0x94D049BB133111EB)
+#: Elements per chunk of the checksum: its int64 temporaries stay at a few tens of MB.
+_CHECKSUM_CHUNK = 1 << 21
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: Tensor) -> Tensor:
+    """splitmix64's finalizer on int64 (multiplications wrap modulo 2**64)."""
+    x = (x ^ _shift_right(x, 30)) * _MUL_1
+    x = (x ^ _shift_right(x, 27)) * _MUL_2
+    return x ^ _shift_right(x, 31)
 
 
 def tensor_checksum(tensor: Tensor) -> int:
-    """A position-sensitive 64-bit checksum of a tensor's bit patterns, computed where it lives:
-    ``sum_i mix(i) * (bits_i + 1)`` modulo 2**64, ``mix(i)`` an odd multiplicative hash of the
-    index (so a swap or a shifted run changes it, and zeros count)."""
-    bits = _bits(tensor).to(torch.int64)
-    index = torch.arange(bits.numel(), dtype=torch.int64, device=bits.device)
-    mix = (index * _MIX) ^ (index >> 29)
-    mix = mix * 0x2545F4914F6CDD1D | 1  # int64 arithmetic wraps modulo 2**64
-    return int(((bits + 1) * mix).sum())
+    """A 64-bit checksum of a tensor's bit patterns and shape, computed where it lives:
+    ``sum_i splitmix64(bits_i + splitmix64((i + 1) * gamma))`` modulo 2**64. Each element's term
+    is a non-linear hash of its value and position, so no simple pattern of changes (a swap, +1/-1
+    pairs, sign flips) cancels out, as it would in a weighted sum of the bits. In chunks, so the
+    temporaries do not grow with the tensor."""
+    bits = _bits(tensor)
+    shape_key = len(tensor.shape)
+    for size in tensor.shape:
+        shape_key = (shape_key * 1000003 + size + 1) % (1 << 62)
+    total = int(_splitmix64(torch.tensor(shape_key, dtype=torch.int64))) % (1 << 64)
+    width = bits.element_size()
+    for start in range(0, bits.numel(), _CHECKSUM_CHUNK):
+        part = bits[start : start + _CHECKSUM_CHUNK].to(torch.int64)
+        if width < 8:
+            part = part & ((1 << (8 * width)) - 1)  # the pattern as unsigned
+        index = torch.arange(start, start + part.numel(), dtype=torch.int64, device=part.device)
+        terms = _splitmix64(part + _splitmix64((index + 1) * _GAMMA))
+        total = (total + int(terms.sum())) % (1 << 64)
+    return _signed64(total)
 
 
 def _varint_encode(values: np.ndarray) -> bytes:
@@ -120,7 +151,7 @@ def encode_change(old: Tensor, new: Tensor, encoding: str, tile_size: int) -> En
     as ``encoding`` ``"tiles"`` or ``"sparse"``, or ``"auto"``: the smaller of the two."""
     if old.shape != new.shape or old.dtype != new.dtype:
         raise ValueError(f"old and new differ: {tuple(old.shape)} {old.dtype} vs {tuple(new.shape)} {new.dtype}")
-    old_bits, new_bits = _bits(old), _bits(new)
+    old_bits, new_bits = _bits(old.to(new.device)), _bits(new)  # (a snapshot may live on the CPU)
     changed = old_bits != new_bits
     if encoding == "auto":
         candidates = [encode_change(old, new, name, tile_size) for name in ENCODINGS]

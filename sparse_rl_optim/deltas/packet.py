@@ -90,10 +90,12 @@ def make_packet(
     encoding: str = "auto",
     tile_size: int = DEFAULT_TILE_SIZE,
     step: int | None = None,
+    old_checksums: Mapping[str, int] | None = None,
 ) -> DeltaPacket:
     """The packet that turns ``old`` into ``new`` (same names, shapes and dtypes), or, with
     ``follows=None``, the anchor holding ``new`` in full. ``encoding``: ``"tiles"``, ``"sparse"`` or
-    ``"auto"`` (per tensor the smaller)."""
+    ``"auto"`` (per tensor the smaller). ``old_checksums``: :func:`tensor_checksum` of the ``old``
+    tensors where already known (the previous packet's ``after``), to skip recomputing them."""
     if encoding not in (*ENCODINGS, "auto"):
         raise ValueError(f"Unknown encoding {encoding!r}; expected one of {(*ENCODINGS, 'auto')}")
     packet = DeltaPacket(sequence=sequence, follows=follows, step=step)
@@ -110,7 +112,8 @@ def make_packet(
         if encoded.count == 0:
             continue
         packet.changes[name] = encoded
-        packet.before[name] = tensor_checksum(old[name])
+        known = old_checksums.get(name) if old_checksums is not None else None
+        packet.before[name] = known if known is not None else tensor_checksum(old[name])
         packet.after[name] = tensor_checksum(tensor)
         packet.payload_crc[name] = _payload_crc(encoded)
     return packet
@@ -155,6 +158,7 @@ class DeltaSender:
         self.snapshot_device = snapshot_device
         self.sequence = 0
         self._shipped: dict[str, Tensor] | None = None
+        self._checksums: dict[str, int] = {}  # of the shipped tensors (each packet's ``after``)
         self._since_anchor = 0
 
     def packet(self, *, step: int | None = None, anchor: bool = False) -> DeltaPacket:
@@ -179,7 +183,11 @@ class DeltaSender:
                 encoding=self.encoding,
                 tile_size=self.tile_size,
                 step=step,
+                old_checksums=self._checksums,
             )
+        if packet.is_anchor:
+            self._checksums = {}
+        self._checksums.update(packet.after)
         self._since_anchor += 1
         self._shipped = {name: t.to(self.snapshot_device or t.device, copy=True) for name, t in current.items()}
         return packet
@@ -269,6 +277,14 @@ class DeltaReceiver:
         with torch.no_grad():
             for name, tensor in packet.full.items():
                 self.tensors[name].copy_(tensor.to(self.tensors[name].device))
+        # Read back: a replica whose tensors alias each other, or live on the meta device, cannot hold it.
+        wrong = [name for name in packet.full if tensor_checksum(self.tensors[name]) != packet.after[name]]
+        if wrong:
+            self.sequence = None
+            raise PacketError(
+                f"anchor {packet.sequence}: after writing, the replica's {wrong[:5]} do not hold the anchor "
+                "(tensors sharing storage, or on the meta device?); the replica needs a new anchor"
+            )
         self.sequence = packet.sequence
 
 

@@ -302,7 +302,7 @@ def _print_summary(figures: dict[str, Any], output_dir: Path) -> None:
         f"{figures['greedy_accuracy_before']:.3f} -> {figures['greedy_accuracy_after']:.3f}"
     )
     delta = figures["delta_sync"]
-    if delta is not None and delta["deltas"]:
+    if delta is not None and delta["deltas"] and delta["delta_packet_bytes"]:
         shipped = delta["delta_packet_bytes"] / delta["deltas"]
         full = delta["delta_full_bytes"] / delta["deltas"]
         print(
