@@ -13,7 +13,7 @@ ARGS ?=
 # only this project there, without dependencies and without the network.
 GPU_PYTHON ?= python3
 
-.PHONY: install demo test lint bench gpu-check clean
+.PHONY: install demo test lint bench bench-rl bench-step gpu-check clean
 
 install: $(STAMP)
 
@@ -37,7 +37,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The benchmark suite: step time, state bytes, memory and bandwidth against torch/bitsandbytes peers on
+# real LLM layer shapes (CPU default: 1.8M to 18.6M-parameter sets, ~15 s; --device cuda adds the full 0.5B and 1.5B models).
 bench: $(STAMP)
+	$(PY) bench/suite.py $(ARGS)
+
+# RL quality: GRPO on the demo task with AdamW, RLSGD and DenseBlockAdamW, lr sweep x seeds (~12 min CPU).
+bench-rl: $(STAMP)
+	$(PY) bench/rl_quality.py $(ARGS)
+
+bench-step: $(STAMP)
 	$(PY) bench/bench_step.py $(ARGS)
 
 gpu-check:
