@@ -168,12 +168,14 @@ def encode_change(old: Tensor, new: Tensor, encoding: str, tile_size: int) -> En
         return EncodedTensor("tiles", int(changed.sum()), tile_size, tile_ids.to(torch.int32).cpu(), values.cpu())
     if encoding != "sparse":
         raise ValueError(f"Unknown encoding {encoding!r}; expected one of {(*ENCODINGS, 'auto')}")
-    positions = changed.nonzero().reshape(-1).cpu().numpy().astype(np.int64)
+    changed_at = changed.nonzero().reshape(-1)
+    positions = changed_at.cpu().numpy().astype(np.int64)
     gaps = np.diff(positions, prepend=0) if len(positions) else positions
     width = old.element_size()
     unsigned = _UNSIGNED[width]
-    old_u = old_bits.cpu().numpy().view(unsigned)[positions]
-    new_u = new_bits.cpu().numpy().view(unsigned)[positions]
+    # Gathered where the tensors live: only the changed elements travel to the host.
+    old_u = old_bits[changed_at].cpu().numpy().view(unsigned)
+    new_u = new_bits[changed_at].cpu().numpy().view(unsigned)
     # new - old modulo 2**bits, read as signed: +-1 for a one-ulp change.
     signed = (new_u - old_u).view(_signed_np(width))
     return EncodedTensor(
@@ -208,6 +210,7 @@ def decode_into(target: Tensor, encoded: EncodedTensor) -> tuple[Tensor, Tensor]
         raise ValueError("packet positions out of range for the replica's tensor")
     width = target.element_size()
     differences = _unzigzag(_varint_decode(raw_differences, encoded.count)).astype(_signed_np(width))
-    old = bits.cpu().numpy().view(_UNSIGNED[width])[positions]
+    at = torch.from_numpy(positions).to(bits.device)
+    old = bits[at].cpu().numpy().view(_UNSIGNED[width])  # only the changed elements travel to the host
     new = (old + differences.view(_UNSIGNED[width])).view(_signed_np(width))
-    return torch.from_numpy(positions).to(bits.device), torch.from_numpy(new.copy()).to(bits.device)
+    return at, torch.from_numpy(new.copy()).to(bits.device)
