@@ -1,0 +1,165 @@
+"""Parameters spread over processes: FSDP2 shards (``DTensor``) and DDP replicas.
+
+The one home for what the optimizers, the tracker and the deltas need to know about a parameter
+that lives on several ranks:
+
+* :func:`local_tensor`: the part this rank holds (the local shard of a ``DTensor``, sharing its
+  storage, so in-place updates reach the parameter; any other tensor as it is).
+* :func:`shard_span`: which flat elements of the full tensor that part is. FSDP2 shards dim 0
+  (``Shard(0)``, chunks of ``ceil(dim0 / world)`` rows), so a local shard is one contiguous range
+  ``[start, stop)`` of the row-major flat tensor; element indices that must be global (stochastic
+  rounding's random stream, tile ids, delta positions) are ``start + local index``.
+* :func:`counts_here`: whether this rank's copy counts in a global sum, so that a sum over ranks
+  counts every element once (shards count everywhere; a replica only on one rank).
+* :func:`all_reduce_sum`: one in-place sum over the default process group (a no-op without one).
+
+Only ``Shard(0)`` and ``Replicate()`` placements are supported (what FSDP2 and HSDP make);
+others raise a ``NotImplementedError`` that names them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "ShardSpan",
+    "all_reduce_sum",
+    "counts_here",
+    "is_distributed",
+    "is_dtensor",
+    "local_tensor",
+    "shard_span",
+    "wrap_like",
+]
+
+
+def _dtensor_class() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return None
+    return DTensor
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter or its grad)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def is_distributed() -> bool:
+    """Whether a default process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The elements this rank holds: a ``DTensor``'s local shard (same storage, no copy, no
+    communication), any other tensor itself."""
+    if is_dtensor(tensor):
+        with torch.no_grad():
+            return tensor.to_local()
+    return tensor
+
+
+def wrap_like(local: Tensor, like: Tensor) -> Tensor:
+    """``local`` as a tensor laid out like ``like``: a ``DTensor`` with ``like``'s mesh, placements,
+    global shape and stride when ``like`` is one (no communication), else ``local`` itself. Used for
+    param-shaped optimizer state, so ``torch.distributed.checkpoint`` saves it sharded."""
+    if not is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    """Flat elements ``[start, stop)`` of the full (row-major) tensor held on this rank."""
+
+    start: int
+    stop: int
+    global_shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def global_numel(self) -> int:
+        return math.prod(self.global_shape)
+
+    @property
+    def is_whole(self) -> bool:
+        """This rank holds every element (a plain tensor or a replicated ``DTensor``)."""
+        return self.start == 0 and self.stop == self.global_numel
+
+
+def _check_placements(tensor: Tensor) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+
+    for placement in tensor.placements:
+        if type(placement) is Replicate:
+            continue
+        if type(placement) is Shard and placement.dim == 0:
+            continue
+        raise NotImplementedError(
+            f"sparse_rl_optim supports DTensors sharded on dim 0 (FSDP2's Shard(0)) or replicated; got placements "
+            f"{tuple(tensor.placements)} for a tensor of shape {tuple(tensor.shape)}"
+        )
+
+
+def shard_span(tensor: Tensor) -> ShardSpan:
+    """Where this rank's elements sit in the full tensor (see the module docstring)."""
+    if not is_dtensor(tensor):
+        return ShardSpan(0, tensor.numel(), tensor.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _check_placements(tensor)
+    local_shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    if tensor.dim() == 0:
+        return ShardSpan(0, 1, tensor.shape)
+    inner = math.prod(tensor.shape[1:])
+    start = offset[0] * inner if local_shape[0] else 0
+    return ShardSpan(start, start + local_shape[0] * inner, tensor.shape)
+
+
+def counts_here(tensor: Tensor) -> bool:
+    """Whether this rank's copy of ``tensor`` counts in a sum over all ranks of the default group:
+    a ``DTensor`` counts on the ranks at coordinate 0 of each mesh dim it is replicated over (so each
+    shard counts once); any other tensor, being a replica (DDP), on global rank 0 only."""
+    if not is_dtensor(tensor):
+        return not is_distributed() or dist.get_rank() == 0
+    from torch.distributed.tensor import Replicate
+
+    _check_placements(tensor)
+    mesh = tensor.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the tensor's mesh
+        return False
+    return all(
+        coordinate[mesh_dim] == 0
+        for mesh_dim, placement in enumerate(tensor.placements)
+        if type(placement) is Replicate
+    )
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` in place over the default process group (nothing to do with one process).
+
+    Under the NCCL backend a CPU tensor goes through the current CUDA device and back."""
+    if not is_distributed():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        on_device = tensor.to(f"cuda:{torch.cuda.current_device()}")
+        dist.all_reduce(on_device)
+        tensor.copy_(on_device)
+        return tensor
+    dist.all_reduce(tensor)
+    return tensor
