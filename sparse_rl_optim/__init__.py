@@ -14,6 +14,7 @@ from sparse_rl_optim.deltas import (
     DeltaReceiver,
     DeltaSender,
     PacketError,
+    ShardedDeltaSender,
     fit_trajectory,
 )
 from sparse_rl_optim.optim import RLSGD, DenseBlockAdamW, DenseBlockSGD, GateStats, optimizer_state_bytes, rlsgd
@@ -34,6 +35,7 @@ __all__ = [
     "PackedTiles",
     "PacketError",
     "PrecisionGateTracker",
+    "ShardedDeltaSender",
     "__version__",
     "apply_tiles",
     "count_changed_tiles",

@@ -32,8 +32,13 @@ __all__ = [
     "counts_here",
     "is_distributed",
     "is_dtensor",
+    "is_sharded",
     "local_tensor",
+    "merge_shards_",
+    "shard_like",
     "shard_span",
+    "shard_spans",
+    "split_rows_like",
     "wrap_like",
 ]
 
@@ -77,6 +82,22 @@ def wrap_like(local: Tensor, like: Tensor) -> Tensor:
     return DTensor.from_local(
         local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
     )
+
+
+def shard_like(value: Tensor, like: Tensor) -> Tensor:
+    """``value`` laid out like ``like``: a full (plain) tensor of ``like``'s global shape becomes this
+    rank's shard of it as a ``DTensor`` (a local slice, no communication); anything else is returned
+    as it is. Lets a full optimizer state dict load into an optimizer over FSDP2 params."""
+    if not is_dtensor(like) or is_dtensor(value):
+        return value
+    if value.shape != like.shape:
+        raise ValueError(
+            f"cannot shard a tensor of shape {tuple(value.shape)} like a parameter of shape {tuple(like.shape)}"
+        )
+    span = shard_span(like)
+    local_shape = local_tensor(like).shape
+    local = value.reshape(-1)[span.start : span.stop].reshape(local_shape)
+    return wrap_like(local.clone(memory_format=torch.contiguous_format), like)
 
 
 @dataclass(frozen=True)
@@ -163,3 +184,99 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
         return tensor
     dist.all_reduce(tensor)
     return tensor
+
+
+# -- geometry of every rank, exact merges and row-sharded state (the dense-block optimizers) -------
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` split over more than one rank (a ``Shard`` placement on a
+    mesh dim of size > 1). The same answer on every rank, so it can decide whether to communicate."""
+    if not is_dtensor(tensor):
+        return False
+    from torch.distributed.tensor import Shard
+
+    _check_placements(tensor)
+    mesh = tensor.device_mesh
+    return any(type(p) is Shard and mesh.size(dim) > 1 for dim, p in enumerate(tensor.placements))
+
+
+def shard_spans(tensor: Tensor) -> list[ShardSpan]:
+    """:func:`shard_span` of every rank of ``tensor``'s mesh (one per mesh coordinate, row-major
+    over the mesh; replicas repeat a span), computed locally: no communication. A plain tensor has
+    one span, the whole tensor."""
+    if not is_dtensor(tensor):
+        return [shard_span(tensor)]
+    import itertools
+
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    _check_placements(tensor)
+    mesh_shape = tuple(tensor.device_mesh.shape)
+    if tensor.dim() == 0:
+        return [ShardSpan(0, 1, tensor.shape)] * math.prod(mesh_shape)
+    inner = math.prod(tensor.shape[1:])
+    spans = []
+    for coordinate in itertools.product(*(range(size) for size in mesh_shape)):
+        local_shape, offset = _compute_local_shape_and_global_offset(
+            tensor.shape, mesh_shape, list(coordinate), tensor.placements
+        )
+        start = int(offset[0]) * inner if local_shape[0] else 0
+        spans.append(ShardSpan(start, start + int(local_shape[0]) * inner, tensor.shape))
+    return spans
+
+
+def merge_shards_(values: Tensor, like: Tensor) -> Tensor:
+    """Merge, in place, a tensor of which each shard of ``like`` filled its own part (and left
+    zeros elsewhere): afterwards every rank holds every part. A sum over the process groups of the
+    mesh dims that shard ``like`` (replicas of a shard merge among themselves), taken over the bits
+    (the integer view of the same width), so the merge is an exact copy: ``-0.0`` and NaN payloads
+    survive, unlike ``x + 0.0``. ``values`` must be contiguous, 4 or 8 bytes per element (fp32,
+    int32, int64, fp64). Nothing to do unless ``like`` :func:`is_sharded`."""
+    if not is_sharded(like):
+        return values
+    from torch.distributed.tensor import Shard
+
+    if not values.is_contiguous():
+        raise ValueError("merge_shards_ needs a contiguous tensor")
+    integer = {4: torch.int32, 8: torch.int64}.get(values.element_size())
+    if integer is None or values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(f"merge_shards_ merges 4- or 8-byte real elements, not {values.dtype}")
+    bits = values if not values.is_floating_point() else values.view(integer)
+    mesh = like.device_mesh
+    for dim, placement in enumerate(like.placements):
+        if type(placement) is not Shard or mesh.size(dim) == 1:
+            continue
+        group = mesh.get_group(dim)
+        if dist.get_backend(group) == "nccl" and bits.device.type == "cpu":
+            on_device = bits.to(f"cuda:{torch.cuda.current_device()}")
+            dist.all_reduce(on_device, group=group)
+            bits.copy_(on_device)
+        else:
+            dist.all_reduce(bits, group=group)
+    return values
+
+
+def split_rows_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (any shape; a tensor every rank holds whole) as a ``DTensor`` on ``like``'s mesh
+    with ``like``'s placements, each rank keeping its chunk of ``full``'s dim 0 (the chunks
+    ``distribute_tensor`` makes; a copy, no communication). For optimizer state whose rows are not
+    the param's rows (per-tile state), so ``torch.distributed.checkpoint`` saves it sharded instead
+    of deduplicating one rank's plain copy. A plain ``like``: ``full`` itself."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _check_placements(like)
+    local_shape, offset = compute_local_shape_and_global_offset(full.shape, like.device_mesh, like.placements)
+    if full.dim() == 0:
+        local = full.clone()
+    elif not offset:  # this rank is not in like's mesh
+        local = full[:0].clone()
+    else:
+        start = int(offset[0]) if local_shape[0] else 0
+        local = full[start : start + int(local_shape[0])].clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=full.shape, stride=full.stride()
+    )

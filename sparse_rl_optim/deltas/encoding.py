@@ -23,7 +23,18 @@ from torch import Tensor
 
 from sparse_rl_optim.tiles import _bits_dtype, _sum_per_tile, num_tiles
 
-__all__ = ["ENCODINGS", "EncodedTensor", "decode_into", "encode_change", "tensor_checksum"]
+__all__ = [
+    "ENCODINGS",
+    "EncodedTensor",
+    "decode_into",
+    "decode_sparse",
+    "encode_change",
+    "encode_sparse",
+    "partial_checksum",
+    "shape_checksum_term",
+    "tensor_checksum",
+    "tile_values",
+]
 
 ENCODINGS = ("tiles", "sparse")
 _UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -82,21 +93,37 @@ def tensor_checksum(tensor: Tensor) -> int:
     ``sum_i splitmix64(bits_i + splitmix64((i + 1) * gamma))`` modulo 2**64. Each element's term
     is a non-linear hash of its value and position, so no simple pattern of changes (a swap, +1/-1
     pairs, sign flips) cancels out, as it would in a weighted sum of the bits. In chunks, so the
-    temporaries do not grow with the tensor."""
-    bits = _bits(tensor)
-    shape_key = len(tensor.shape)
-    for size in tensor.shape:
+    temporaries do not grow with the tensor.
+
+    It is :func:`shape_checksum_term` of the shape plus :func:`partial_checksum` of the elements,
+    modulo 2**64, so the partial sums of a tensor's shards (each at its flat offset) add up to it."""
+    total = (shape_checksum_term(tensor.shape) + partial_checksum(tensor, 0)) % (1 << 64)
+    return _signed64(total)
+
+
+def shape_checksum_term(shape: tuple[int, ...] | torch.Size) -> int:
+    """The shape's term of :func:`tensor_checksum` (unsigned, below 2**64)."""
+    shape_key = len(shape)
+    for size in shape:
         shape_key = (shape_key * 1000003 + size + 1) % (1 << 62)
-    total = int(_splitmix64(torch.tensor(shape_key, dtype=torch.int64))) % (1 << 64)
+    return int(_splitmix64(torch.tensor(shape_key, dtype=torch.int64))) % (1 << 64)
+
+
+def partial_checksum(tensor: Tensor, offset: int) -> int:
+    """The elements' terms of :func:`tensor_checksum` (unsigned, below 2**64) for ``tensor`` holding
+    the flat elements ``[offset, offset + numel)`` of a larger tensor (row-major): a shard's part."""
+    bits = _bits(tensor)
+    total = 0
     width = bits.element_size()
     for start in range(0, bits.numel(), _CHECKSUM_CHUNK):
         part = bits[start : start + _CHECKSUM_CHUNK].to(torch.int64)
         if width < 8:
             part = part & ((1 << (8 * width)) - 1)  # the pattern as unsigned
-        index = torch.arange(start, start + part.numel(), dtype=torch.int64, device=part.device)
+        first = offset + start
+        index = torch.arange(first, first + part.numel(), dtype=torch.int64, device=part.device)
         terms = _splitmix64(part + _splitmix64((index + 1) * _GAMMA))
         total = (total + int(terms.sum())) % (1 << 64)
-    return _signed64(total)
+    return total
 
 
 def _varint_encode(values: np.ndarray) -> bytes:
@@ -146,31 +173,33 @@ def _as_uint8(data: bytes) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
-def encode_change(old: Tensor, new: Tensor, encoding: str, tile_size: int) -> EncodedTensor:
+def encode_change(old: Tensor, new: Tensor, encoding: str, tile_size: int, *, offset: int = 0) -> EncodedTensor:
     """Encode what differs between ``old`` and ``new`` (same shape and dtype; bit patterns compared)
-    as ``encoding`` ``"tiles"`` or ``"sparse"``, or ``"auto"``: the smaller of the two."""
+    as ``encoding`` ``"tiles"`` or ``"sparse"``, or ``"auto"``: the smaller of the two.
+
+    ``offset``: where the two tensors' first element sits in the flat elements of a larger tensor
+    (a shard's start, :func:`sparse_rl_optim.distributed.shard_span`): positions and tile ids are
+    then those of the larger tensor, and a tile's elements outside ``old``/``new`` are zero."""
     if old.shape != new.shape or old.dtype != new.dtype:
         raise ValueError(f"old and new differ: {tuple(old.shape)} {old.dtype} vs {tuple(new.shape)} {new.dtype}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     old_bits, new_bits = _bits(old.to(new.device)), _bits(new)  # (a snapshot may live on the CPU)
     changed = old_bits != new_bits
     if encoding == "auto":
-        candidates = [encode_change(old, new, name, tile_size) for name in ENCODINGS]
+        candidates = [encode_change(old, new, name, tile_size, offset=offset) for name in ENCODINGS]
         return min(candidates, key=EncodedTensor.nbytes)
     if encoding == "tiles":
+        lead = offset % tile_size  # elements of the first tile before this tensor's first element
+        if lead:
+            changed = torch.cat([torch.zeros(lead, dtype=torch.bool, device=changed.device), changed])
         counts = _sum_per_tile(changed.to(torch.int32), tile_size)
-        tile_ids = counts.nonzero().reshape(-1)
-        numel = new_bits.numel()
-        element = tile_ids.unsqueeze(1) * tile_size + torch.arange(tile_size, device=tile_ids.device)
-        inside = element < numel
-        values = torch.zeros(tile_ids.numel(), tile_size, dtype=new.dtype, device=new.device)
-        flat = new.detach().contiguous().view(-1)
-        values[inside] = flat[element[inside]]
-        return EncodedTensor("tiles", int(changed.sum()), tile_size, tile_ids.to(torch.int32).cpu(), values.cpu())
+        tile_ids = counts.nonzero().reshape(-1) + offset // tile_size
+        values = tile_values(new, tile_ids, tile_size, offset=offset)
+        return EncodedTensor("tiles", int(counts.sum()), tile_size, tile_ids.to(torch.int32).cpu(), values.cpu())
     if encoding != "sparse":
         raise ValueError(f"Unknown encoding {encoding!r}; expected one of {(*ENCODINGS, 'auto')}")
     changed_at = changed.nonzero().reshape(-1)
-    positions = changed_at.cpu().numpy().astype(np.int64)
-    gaps = np.diff(positions, prepend=0) if len(positions) else positions
     width = old.element_size()
     unsigned = _UNSIGNED[width]
     # Gathered where the tensors live: only the changed elements travel to the host.
@@ -178,12 +207,44 @@ def encode_change(old: Tensor, new: Tensor, encoding: str, tile_size: int) -> En
     new_u = new_bits[changed_at].cpu().numpy().view(unsigned)
     # new - old modulo 2**bits, read as signed: +-1 for a one-ulp change.
     signed = (new_u - old_u).view(_signed_np(width))
+    return encode_sparse(changed_at.cpu().numpy().astype(np.int64) + offset, signed)
+
+
+def tile_values(tensor: Tensor, tile_ids: Tensor, tile_size: int, *, offset: int = 0) -> Tensor:
+    """``[len(tile_ids), tile_size]`` values of the given tiles (ids of the flat elements of a larger
+    tensor in which ``tensor`` starts at ``offset``), zero where a tile reaches outside ``tensor``."""
+    # Moved as integer bit patterns: indexing a bf16 tensor on the CPU may canonicalize NaN payloads.
+    flat = _bits(tensor)
+    tile_ids = tile_ids.to(device=flat.device, dtype=torch.int64)
+    element = tile_ids.unsqueeze(1) * tile_size + torch.arange(tile_size, device=flat.device) - offset
+    inside = (element >= 0) & (element < flat.numel())
+    values = torch.zeros(tile_ids.numel(), tile_size, dtype=flat.dtype, device=flat.device)
+    values[inside] = flat[element[inside]]
+    return values.view(tensor.dtype)
+
+
+def encode_sparse(positions: np.ndarray, differences: np.ndarray) -> EncodedTensor:
+    """The ``sparse`` encoding of changes at ``positions`` (increasing flat element positions,
+    int64) whose bit patterns moved by ``differences`` (new - old modulo 2**bits, as the signed
+    integer of the element's width)."""
+    gaps = np.diff(positions, prepend=0) if len(positions) else positions
     return EncodedTensor(
         "sparse",
         len(positions),
         positions=_as_uint8(zlib.compress(_varint_encode(gaps.astype(np.uint64)), 6)),
-        differences=_as_uint8(zlib.compress(_varint_encode(_zigzag(signed)), 6)),
+        differences=_as_uint8(zlib.compress(_varint_encode(_zigzag(differences)), 6)),
     )
+
+
+def decode_sparse(encoded: EncodedTensor, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions (int64) and bit-pattern differences (signed, ``width`` bytes) of a ``sparse``
+    change: the inverse of :func:`encode_sparse`. Raises ``ValueError`` or ``zlib.error`` for a
+    stream that does not hold ``encoded.count`` values."""
+    raw_positions = zlib.decompress(encoded.positions.numpy().tobytes())
+    raw_differences = zlib.decompress(encoded.differences.numpy().tobytes())
+    positions = np.cumsum(_varint_decode(raw_positions, encoded.count).astype(np.int64))
+    differences = _unzigzag(_varint_decode(raw_differences, encoded.count)).astype(_signed_np(width))
+    return positions, differences
 
 
 def _signed_np(width: int) -> type:
@@ -203,13 +264,10 @@ def decode_into(target: Tensor, encoded: EncodedTensor) -> tuple[Tensor, Tensor]
         inside = element < numel
         values = encoded.values.contiguous().view(_bits_dtype(encoded.values.dtype))
         return element[inside].to(bits.device), values[inside].to(bits.device)
-    raw_positions = zlib.decompress(encoded.positions.numpy().tobytes())
-    raw_differences = zlib.decompress(encoded.differences.numpy().tobytes())
-    positions = np.cumsum(_varint_decode(raw_positions, encoded.count).astype(np.int64))
+    width = target.element_size()
+    positions, differences = decode_sparse(encoded, width)
     if encoded.count and (positions[-1] >= numel or positions.min() < 0):
         raise ValueError("packet positions out of range for the replica's tensor")
-    width = target.element_size()
-    differences = _unzigzag(_varint_decode(raw_differences, encoded.count)).astype(_signed_np(width))
     at = torch.from_numpy(positions).to(bits.device)
     old = bits[at].cpu().numpy().view(_UNSIGNED[width])  # only the changed elements travel to the host
     new = (old + differences.view(_UNSIGNED[width])).view(_signed_np(width))

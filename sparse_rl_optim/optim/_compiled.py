@@ -62,6 +62,7 @@ def _compiled_rlsgd(
     rounding: str,
     step_seed: int,
     collect_gate_stats: bool,
+    element_offsets: list[int] | None = None,
 ) -> list[GateStats] | None:
     """``_multi_tensor_rlsgd`` with one compiled call per group of tensors of one variant: same
     arguments, same results bit for bit (NaN payloads aside). Tensors with at most one element,
@@ -80,6 +81,7 @@ def _compiled_rlsgd(
         rounding=rounding,
         step_seed=step_seed,
         collect_gate_stats=collect_gate_stats,
+        element_offsets=element_offsets,
     )
     if _compile_failed:
         return _multi_tensor_rlsgd(params, grads, momentum_buffers, **options)
@@ -122,8 +124,13 @@ def _compiled_rlsgd(
         stochastic = rounding == "stochastic" and work_dtype != param_dtype
         seeds = None
         if stochastic:
-            # (seed * 0x9E3779B9) mod 2**32 of each tensor's seed: the product would overflow int64.
-            values = [(stochastic_seed(step_seed, index) * _GOLDEN) & _HASH_MASK for index in indices]
+            # (seed * 0x9E3779B9 + first element's index) mod 2**32 of each tensor: the hash adds the
+            # element index to the product mod 2**32 (which would overflow int64 unreduced).
+            values = [
+                (stochastic_seed(step_seed, index) * _GOLDEN + (element_offsets[index] if element_offsets else 0))
+                & _HASH_MASK
+                for index in indices
+            ]
             seeds = torch.tensor(values, dtype=torch.int64, device=device)
         if momentum_mode == "first":
             for index, shape in zip(indices, shapes, strict=True):
@@ -168,7 +175,7 @@ def _compiled_rlsgd(
             [params[i] for i in reference],
             [grads[i] for i in reference],
             reference_buffers,
-            **options,
+            **{**options, "element_offsets": [element_offsets[i] for i in reference] if element_offsets else None},
             tensor_indices=reference,
         )
         for slot, index in enumerate(reference):

@@ -25,11 +25,13 @@ def load_state_dict_keeping_dtypes(
     dtype_of: Callable[[Tensor, str, Tensor], torch.dtype],
     inspect: Callable[[dict[str, Any]], None] | None = None,
     keys: tuple[str, ...] | None = None,
+    place: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> None:
     """Run ``load(state_dict)`` (``Optimizer.load_state_dict``), then put back every non-``step``
     state tensor as saved, moved to its param's device, in ``dtype_of(param, key, saved_value)``.
     ``inspect`` sees the incoming dict after every user pre-hook (to warn or validate). ``keys``:
-    restore only these (others keep torch's handling)."""
+    restore only these (others keep torch's handling). ``place(value, param)`` lays a restored value
+    out like its param (e.g. a full tensor as this rank's shard of an FSDP2 param)."""
     saved: dict[str, Any] = {}
 
     def stash(_: Optimizer, incoming: dict[str, Any]) -> None:
@@ -53,6 +55,8 @@ def load_state_dict_keeping_dtypes(
         for index, param in zip(saved["ids"], params, strict=True):
             for key, value in saved["state"].get(index, {}).items():
                 restored = value.to(device=param.device, dtype=dtype_of(param, key, value))
+                if place is not None:
+                    restored = place(restored, param)
                 optimizer.state[param][key] = restored.clone(memory_format=torch.contiguous_format)
 
     pre_hook = optimizer.register_load_state_dict_pre_hook(stash)

@@ -31,6 +31,7 @@ def triton_rlsgd(
     step_seed: int,
     collect_gate_stats: bool,
     record_changes: bool = False,
+    element_offsets: list[int] | None = None,
     tensor_indices: list[int] | None = None,
     tile_size: int = DEFAULT_TILE_SIZE,
 ) -> list | None:
@@ -80,6 +81,7 @@ def triton_rlsgd(
             rounding=rounding,
             step_seed=step_seed,
             collect_gate_stats=True,
+            element_offsets=None if element_offsets is None else [element_offsets[slot]],
             tensor_indices=[indices[slot]],
         )
         momentum_buffers[slot] = buffers[0]
@@ -119,6 +121,7 @@ def triton_rlsgd(
             maximize=maximize,
             stochastic=rounding == "stochastic",
             seeds=[stochastic_seed(step_seed, indices[slot]) for slot in slots],
+            stream_offsets=None if element_offsets is None else [element_offsets[slot] for slot in slots],
             tile_size=tile_size,
             gate_stats=collect_gate_stats or record_changes,
             record=record_changes,

@@ -27,6 +27,7 @@ from sparse_rl_optim.bf16 import (
     stochastic_round,
     stochastic_seed,
 )
+from sparse_rl_optim.distributed import is_dtensor, local_tensor, shard_like, shard_span, wrap_like
 from sparse_rl_optim.optim._state_dict import load_state_dict_keeping_dtypes
 from sparse_rl_optim.optim.memory import optimizer_state_bytes
 
@@ -236,6 +237,7 @@ class RLSGD(Optimizer):
             dtype_of=lambda param, key, value: compute_dtype(param.dtype),
             inspect=warn_if_foreign,
             keys=("momentum_buffer",),
+            place=shard_like,
         )
 
     @torch.no_grad()
@@ -247,7 +249,9 @@ class RLSGD(Optimizer):
                 loss = closure()
         self.gate_stats = {}
         for group in self.param_groups:
-            params, grads, momentum_buffers = [], [], []
+            # FSDP2 parameters (DTensors) are stepped on their local shards, with the global index of
+            # each shard's first element (stochastic rounding draws its random bits by global index).
+            owners, params, grads, momentum_buffers, offsets = [], [], [], [], []
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -256,9 +260,16 @@ class RLSGD(Optimizer):
                         "RLSGD does not support sparse gradients; use dense gradients "
                         "(e.g. nn.Embedding(sparse=False))."
                     )
-                params.append(param)
-                grads.append(param.grad)
-                momentum_buffers.append(self.state[param].get("momentum_buffer") if group["momentum"] != 0 else None)
+                _check_grad_layout(param)
+                # An entry (even an empty one) marks the param as stepped: torch.distributed.checkpoint
+                # runs a dummy step (zero grads, lr 0) on optimizers whose `state` is empty.
+                state = self.state[param]
+                owners.append(param)
+                params.append(local_tensor(param))
+                grads.append(local_tensor(param.grad))
+                offsets.append(shard_span(param).start if is_dtensor(param) else 0)
+                buffer = state.get("momentum_buffer") if group["momentum"] != 0 else None
+                momentum_buffers.append(None if buffer is None else local_tensor(buffer))
             if not params:
                 continue
             stats = rlsgd(
@@ -277,12 +288,17 @@ class RLSGD(Optimizer):
                 backend=group["backend"],
                 collect_gate_stats=self.gate_stats_enabled,
                 record_changes=self.gate_changes_enabled,
+                element_offsets=offsets if any(offsets) else None,
             )
             if group["momentum"] != 0:
-                for param, buffer in zip(params, momentum_buffers, strict=True):
-                    self.state[param]["momentum_buffer"] = buffer
+                for param, buffer in zip(owners, momentum_buffers, strict=True):
+                    held = self.state[param].get("momentum_buffer")
+                    if held is None or local_tensor(held) is not buffer:
+                        # Param-shaped state is laid out like its param (a DTensor under FSDP2), so
+                        # torch.distributed.checkpoint saves and loads it sharded.
+                        self.state[param]["momentum_buffer"] = wrap_like(buffer, param)
             if stats is not None:
-                self.gate_stats.update(zip(params, stats, strict=True))
+                self.gate_stats.update(zip(owners, stats, strict=True))
         return loss
 
     def state_bytes(self) -> int:
@@ -300,6 +316,24 @@ class RLSGD(Optimizer):
             if resolve_backend(group["backend"], group["params"]) == "triton"
             for param in group["params"]
         }
+
+
+def _check_grad_layout(param: Tensor) -> None:
+    """A DTensor param needs a DTensor grad laid out the same way (what FSDP2 leaves after its
+    reduce-scatter); anything else would step one shard with another's gradient."""
+    grad = param.grad
+    if is_dtensor(param) != is_dtensor(grad):
+        kinds = {True: "a DTensor", False: "a plain tensor"}
+        raise RuntimeError(
+            f"RLSGD: a parameter of shape {tuple(param.shape)} is {kinds[is_dtensor(param)]} but its gradient is "
+            f"{kinds[is_dtensor(grad)]}; set gradients laid out like their parameters (e.g. distribute_tensor)."
+        )
+    if is_dtensor(param) and (param.placements != grad.placements or param.device_mesh != grad.device_mesh):
+        raise RuntimeError(
+            f"RLSGD: the gradient of a DTensor parameter of shape {tuple(param.shape)} has placements "
+            f"{tuple(grad.placements)} on {grad.device_mesh}; its parameter has {tuple(param.placements)} on "
+            f"{param.device_mesh}. Reduce it first (FSDP2 does, in backward)."
+        )
 
 
 def _validate_hyperparameters(
@@ -379,6 +413,7 @@ def rlsgd(
     backend: str = "auto",
     collect_gate_stats: bool = False,
     record_changes: bool = False,
+    element_offsets: list[int] | None = None,
 ) -> list[GateStats] | None:
     """Functional RLSGD (see :class:`RLSGD` for the formula). Updates ``params`` in place; new
     momentum buffers are written into ``momentum_buffers``. Returns per-param :class:`GateStats`
@@ -389,6 +424,10 @@ def rlsgd(
     kernel, ``foreach=False`` the single-tensor reference, and otherwise (the default) the
     multi-tensor path, which works through fp32 scratch buffers of bounded size (so the transient
     memory of a step does not grow with the model). Every path is tested bit-equal to the reference.
+
+    ``element_offsets``: for tensors that are shards of larger ones (FSDP2), the flat index of each
+    tensor's first element in its full tensor, so stochastic rounding draws the random bits the
+    full tensor would get there (a sharded run then equals a single-process one bit for bit).
     """
     if fused and foreach:
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
@@ -397,11 +436,15 @@ def rlsgd(
     check_backend(backend)
     if not (len(params) == len(grads) == len(momentum_buffers)):
         raise ValueError("params, grads and momentum_buffers must have the same length")
+    if element_offsets is not None and len(element_offsets) != len(params):
+        raise ValueError("element_offsets must have one entry per param")
     if foreach is None:
         foreach = not torch.jit.is_scripting()
     # One 32-bit seed per step from torch's default generator (so torch.manual_seed reproduces a run);
     # each tensor's random bits derive from it and the element index, whatever path computes them.
-    step_seed = _draw_step_seed() if rounding == "stochastic" else 0
+    # At lr 0 every result is a representable value that rounding returns unchanged: no draw, so a
+    # dummy step (torch.distributed.checkpoint makes one) leaves the random stream alone.
+    step_seed = _draw_step_seed() if rounding == "stochastic" and float(lr) != 0.0 else 0
     # The same keyword arguments for every implementation (as in torch/optim/sgd.py's dispatch).
     options: dict[str, Any] = dict(
         lr=float(lr),
@@ -413,6 +456,7 @@ def rlsgd(
         rounding=rounding,
         step_seed=step_seed,
         collect_gate_stats=collect_gate_stats,
+        element_offsets=element_offsets,
     )
     if resolve_backend(backend, params) == "triton":
         from sparse_rl_optim.optim._triton import triton_rlsgd
@@ -471,13 +515,16 @@ def _single_tensor_rlsgd(
     rounding: str,
     step_seed: int,
     collect_gate_stats: bool,
+    element_offsets: list[int] | None = None,
     tensor_indices: list[int] | None = None,
 ) -> list[GateStats] | None:
     """The reference: one parameter at a time, the formula op by op. ``tensor_indices`` are the
-    tensors' positions in the step (they select the random stream of stochastic rounding)."""
+    tensors' positions in the step (they select the random stream of stochastic rounding), and
+    ``element_offsets`` their first elements' indices in their full tensors (the position in it)."""
     stats: list[GateStats] = []
     for slot, (param, grad) in enumerate(zip(params, grads, strict=True)):
         index = slot if tensor_indices is None else tensor_indices[slot]
+        offset = 0 if element_offsets is None else element_offsets[slot]
         work_dtype = compute_dtype(param.dtype)
         step_lr, decay = _step_scalars(work_dtype, lr, weight_decay)
         direction = grad.to(work_dtype)
@@ -497,7 +544,9 @@ def _single_tensor_rlsgd(
             param32 = param32 * decay
         scaled_update = direction * step_lr
         new32 = param32 - scaled_update
-        new_value = _round_to_param(new32.contiguous(), param.dtype, rounding, step_seed, index).view(param.shape)
+        new_value = _round_to_param(new32.contiguous(), param.dtype, rounding, step_seed, index, offset).view(
+            param.shape
+        )
         if collect_gate_stats:
             before = gate_view_bits(param.detach()).clone()
             param.copy_(new_value)
@@ -557,6 +606,7 @@ def _multi_tensor_rlsgd(
     rounding: str,
     step_seed: int,
     collect_gate_stats: bool,
+    element_offsets: list[int] | None = None,
 ) -> list[GateStats] | None:
     """The same formula with ``torch._foreach_*`` ops over buckets of flat segments, through two fp32
     scratch buffers per (device, dtype) group."""
@@ -586,6 +636,7 @@ def _multi_tensor_rlsgd(
             rounding=rounding,
             step_seed=step_seed,
             collect_gate_stats=collect_gate_stats,
+            element_offsets=None if element_offsets is None else [element_offsets[i] for i in strided],
             tensor_indices=strided,
         )
         for slot, i in enumerate(strided):
@@ -637,7 +688,8 @@ def _multi_tensor_rlsgd(
                 torch._foreach_copy_(param_parts, params32)  # copy_ from fp32 rounds to nearest even
             else:
                 for seg, part, value in zip(bucket, param_parts, params32, strict=True):
-                    part.copy_(_round_to_param(value, dtype, rounding, step_seed, seg.index, seg.start))
+                    start = seg.start + (0 if element_offsets is None else element_offsets[seg.index])
+                    part.copy_(_round_to_param(value, dtype, rounding, step_seed, seg.index, start))
             if collect_gate_stats:
                 for seg, part, before, mask in zip(bucket, param_parts, befores, intended, strict=True):
                     unchanged = before == gate_view_bits(part)

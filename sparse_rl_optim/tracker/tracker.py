@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from sparse_rl_optim._warnings import warn
 from sparse_rl_optim.bf16 import bits_view_dtype, gate_view_bits
+from sparse_rl_optim.distributed import all_reduce_sum, counts_here, is_distributed, is_dtensor, local_tensor, wrap_like
 from sparse_rl_optim.tracker.module_kinds import MODULE_KINDS, layer_index, module_kind
 from sparse_rl_optim.tracker.reference import SparseReference
 
@@ -38,12 +39,15 @@ def _checksum(bits: Tensor) -> Tensor:
     return torch.stack([chunk.sum(dtype=torch.int64) for chunk in bits.split(_CHECKSUM_CHUNK)]).sum()
 
 
-def _to_host(rows: list[Tensor]) -> list[list[int]]:
-    """Rows of small int tensors as Python lists, with one device-to-host copy per device."""
-    if not rows:
-        return []
-    device = rows[0].device
-    return torch.stack([row.to(device) for row in rows]).cpu().tolist()
+# Columns of the per-step table, one row per tracked param. All but the last are counts (summed over
+# ranks); the last is a flag (OR over ranks: a sum that is > 0).
+_CHANGED, _CUMULATIVE, _SINCE_SYNC, _NONFINITE, _INTENDED, _SWALLOWED, _MOVED = range(7)
+_COUNT_COLUMNS = _MOVED
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a multi-rank run, or a single process: the one that warns and streams records."""
+    return not is_distributed() or torch.distributed.get_rank() == 0
 
 
 def _name_list(names: list[str], shown: int = 5) -> str:
@@ -55,12 +59,14 @@ class _TrackedParam:
     __slots__ = (
         "before",
         "checksum",
+        "counted",
         "kernel_fed",
         "kind",
         "layer",
         "name",
         "param",
         "reference",
+        "sharded",
         "since_sync",
         "view_dtype",
     )
@@ -71,6 +77,10 @@ class _TrackedParam:
         self.kind = module_kind(name)
         self.layer = layer_index(name)
         self.view_dtype = bits_view_dtype(param.dtype)
+        self.sharded = is_dtensor(param)  # an FSDP2 param: every per-element figure is of the local shard
+        # Whether this rank's figures for the param count in a sum over ranks (a shard on its rank, a
+        # plain replica on rank 0 only), so nothing is counted twice.
+        self.counted = counts_here(param)
         bits = self.bits()
         self.reference = SparseReference(bits)
         self.since_sync = SparseReference(bits)
@@ -78,8 +88,13 @@ class _TrackedParam:
         self.before: Tensor | None = None
         self.kernel_fed = False  # this step's changes come from the step kernel, not a snapshot
 
+    def local(self) -> Tensor:
+        """The elements this rank holds (a DTensor's local shard, no copy), detached."""
+        return local_tensor(self.param).detach()
+
     def bits(self) -> Tensor:
-        return gate_view_bits(self.param.detach()).reshape(-1)
+        """Flat gate-view bits of the local elements (the local flat index is the tracker's index)."""
+        return gate_view_bits(self.local()).reshape(-1)
 
 
 class PrecisionGateTracker:
@@ -117,6 +132,23 @@ class PrecisionGateTracker:
     bits (params without a gradient in a step are still snapshotted). ``memory_bytes()`` reports the
     figures.
 
+    Many processes (FSDP2, DDP, both): build a tracker on every rank from the same model (after
+    ``fully_shard``) and attach it to every rank's optimizer. Each rank counts on the elements it holds
+    (an FSDP2 param's local shard; the step kernel reports local flat indices); when any tracked param
+    is a ``DTensor`` in a multi-rank run, each step ends with ONE all-reduce of a small int64 table (a
+    row per param: changed, cumulative, since sync, became non-finite, intended, swallowed, edited
+    outside the step), so every record on every rank holds the global figures, equal to one process
+    stepping the whole model on the same data: ``total`` and the ``by_kind``/``by_layer`` totals are
+    full sizes, ``changed_outside_step`` names a param edited on any rank. Plain params (DDP replicas,
+    or modules left out of ``fully_shard``) count on rank 0 only in that sum, so a replica is counted
+    once. With no ``DTensor`` (single process, DDP) there is no collective: a replica's local figures
+    are the global ones. Where params are sharded, ``mark_synced()``, ``changed_since_sync`` and
+    ``summary()`` (which reads it) are collectives too, one all-reduce each: call them on every rank. ``changed_masks()`` gives a
+    ``DTensor`` mask laid out like a ``DTensor`` param (its local part is this rank's shard; no
+    communication; ``.full_tensor()`` gathers it). ``memory_bytes()`` is this rank's. Warnings and the
+    ``jsonl_path`` stream come from global rank 0 only (its records are the global ones; under DDP a
+    replica edited on another rank only shows in that rank's record).
+
     Args:
         model: an ``nn.Module`` (its parameters with ``requires_grad``) or ``(name, param)`` pairs.
         jsonl_path: if given, every record is appended to this JSON-lines file as it is made.
@@ -143,7 +175,10 @@ class PrecisionGateTracker:
         if not named:
             raise ValueError("PrecisionGateTracker got no parameters to track")
         self._params = [_TrackedParam(name, param) for name, param in named]
-        self.total = sum(t.param.numel() for t in self._params)
+        self.total = sum(t.param.numel() for t in self._params)  # a DTensor's numel is the full size
+        # Sum the figures over ranks: only where some param is sharded (replicas already agree).
+        self._reduce_over_ranks = is_distributed() and any(t.sharded for t in self._params)
+        self._counted: dict[torch.device, Tensor] = {}  # per device: (params, 1) int64, 1 where counted
         self.history: list[dict[str, Any]] = []
         self.jsonl_path = os.fspath(jsonl_path) if jsonl_path is not None else None
         self.warn_nonfinite = warn_nonfinite
@@ -207,7 +242,30 @@ class PrecisionGateTracker:
             shipped.append(tracked.since_sync.count_differing(bits))
             # The checksum stays: an edit made outside the step is still reported at the next step.
             tracked.since_sync.reset(bits)
-        return int(torch.stack(shipped).sum()) if shipped else 0
+        return self._global_sum(shipped)
+
+    # -- over ranks --------------------------------------------------------------------------
+    def _counted_rows(self, device: torch.device) -> Tensor:
+        """(params, 1) int64: 1 where this rank's figures for the param count in a sum over ranks."""
+        if device not in self._counted:
+            counted = [[int(t.counted)] for t in self._params]
+            self._counted[device] = torch.tensor(counted, dtype=torch.int64, device=device)
+        return self._counted[device]
+
+    def _global_table(self, rows: list[Tensor]) -> list[list[int]]:
+        """The per-param table summed over ranks (one all-reduce, only where some param is sharded),
+        as Python lists: one host sync."""
+        device = rows[0].device
+        table = torch.stack([row.to(device=device, dtype=torch.int64) for row in rows])
+        if self._reduce_over_ranks:
+            table[:, :_COUNT_COLUMNS] *= self._counted_rows(device)
+            all_reduce_sum(table)
+        return table.cpu().tolist()
+
+    def _global_sum(self, counts: list[Tensor]) -> int:
+        """The sum of per-param 0-dim counts over params and ranks (one all-reduce where sharded)."""
+        table = self._global_table([count.reshape(1) for count in counts])
+        return sum(row[0] for row in table)
 
     # -- the hooks -------------------------------------------------------------------------
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -240,9 +298,8 @@ class PrecisionGateTracker:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._step += 1
         gate_stats = getattr(optimizer, "gate_stats", None) or {}
-        counts: list[Tensor] = []  # per param: changed, cumulative, since sync, nonfinite, moved outside
-        intended: list[Tensor] = []
-        swallowed: list[Tensor] = []
+        rows: list[Tensor] = []  # per param: the columns _CHANGED ... _MOVED
+        has_gate_stats = bool(getattr(optimizer, "gate_stats_enabled", False))
         for position, tracked in enumerate(self._params):
             stats = gate_stats.get(tracked.param)
             after = tracked.bits()
@@ -268,31 +325,32 @@ class PrecisionGateTracker:
                 ~torch.isfinite(changed_after.view(tracked.view_dtype))
                 & torch.isfinite(changed_before.view(tracked.view_dtype))
             ).sum()
-            counts.append(
+            # Params without a gradient this step (no stats) had no intended update.
+            no_update = torch.zeros((), dtype=torch.int64, device=after.device)
+            rows.append(
                 torch.stack(
                     [
                         changed_count.to(device=after.device, dtype=torch.int64),
                         tracked.reference.count_differing(after),
                         tracked.since_sync.count_differing(after),
                         became_nonfinite,
+                        no_update if stats is None else stats.intended.reshape(()).to(after.device, torch.int64),
+                        no_update if stats is None else stats.swallowed.reshape(()).to(after.device, torch.int64),
                         self._moved_outside_step[position].to(torch.int64),
                     ]
                 )
             )
-            if stats is not None:  # params without a gradient this step had no intended update
-                intended.append(stats.intended.reshape(()))
-                swallowed.append(stats.swallowed.reshape(()))
-        table = _to_host(counts)  # one host sync per step, not one per tensor
-        gate_totals = _to_host([torch.stack([a, b]) for a, b in zip(intended, swallowed, strict=True)])
-        has_gate_stats = bool(getattr(optimizer, "gate_stats_enabled", False))
-        moved_outside = [t.name for t, row in zip(self._params, table, strict=True) if row[4]]
+        # One host sync per step, not one per tensor; over ranks, one all-reduce of this table.
+        table = self._global_table(rows)
+        moved_outside = [t.name for t, row in zip(self._params, table, strict=True) if row[_MOVED]]
         record = self._make_record(
             table,
-            sum(row[0] for row in gate_totals) if has_gate_stats else None,
-            sum(row[1] for row in gate_totals) if has_gate_stats else None,
+            sum(row[_INTENDED] for row in table) if has_gate_stats else None,
+            sum(row[_SWALLOWED] for row in table) if has_gate_stats else None,
         )
         record["changed_outside_step"] = moved_outside
-        if moved_outside:
+        main_rank = _is_main_rank()
+        if moved_outside and main_rank:
             warn(
                 f"step {self._step}: {len(moved_outside)} tensors changed outside optimizer.step() since the "
                 f"previous step ({_name_list(moved_outside)}); their cumulative and since-sync counts miss "
@@ -300,11 +358,11 @@ class PrecisionGateTracker:
                 RuntimeWarning,
             )
         self.history.append(record)
-        if self.jsonl_path is not None:
+        if self.jsonl_path is not None and main_rank:
             with open(self.jsonl_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-        if record["nonfinite"] and self.warn_nonfinite:
-            names = [t.name for t, row in zip(self._params, table, strict=True) if row[3]]
+        if record["nonfinite"] and self.warn_nonfinite and main_rank:
+            names = [t.name for t, row in zip(self._params, table, strict=True) if row[_NONFINITE]]
             warn(
                 f"step {self._step}: {record['nonfinite']} weights became NaN/inf (in {_name_list(names)}); "
                 "check the gradients and the learning rate",
@@ -335,18 +393,18 @@ class PrecisionGateTracker:
                 entry["changed"] += changed
                 entry["cumulative_changed"] += cumulative
                 entry["total"] += tracked.param.numel()
-        changed_total = sum(row[0] for row in table)
+        changed_total = sum(row[_CHANGED] for row in table)
         return {
             "step": self._step,
             "changed": changed_total,
             "total": self.total,
             "changed_fraction": changed_total / self.total,
-            "cumulative_changed": sum(row[1] for row in table),
-            "changed_since_sync": sum(row[2] for row in table),
+            "cumulative_changed": sum(row[_CUMULATIVE] for row in table),
+            "changed_since_sync": sum(row[_SINCE_SYNC] for row in table),
             "intended": intended,
             "swallowed": swallowed,
-            "nonfinite": sum(row[3] for row in table),
-            "per_param": {tracked.name: row[0] for tracked, row in zip(self._params, table, strict=True)},
+            "nonfinite": sum(row[_NONFINITE] for row in table),
+            "per_param": {tracked.name: row[_CHANGED] for tracked, row in zip(self._params, table, strict=True)},
             "by_kind": {kind: by_kind[kind] for kind in MODULE_KINDS if kind in by_kind},
             "by_layer": by_layer,
         }
@@ -354,34 +412,43 @@ class PrecisionGateTracker:
     # -- reading -----------------------------------------------------------------------------
     @property
     def changed_since_sync(self) -> int:
-        """Elements whose gate view differs from the weights at the last ``mark_synced()``."""
-        return int(sum(int(t.since_sync.count_differing(t.bits())) for t in self._params))
+        """Elements whose gate view differs from the weights at the last ``mark_synced()``, over all
+        ranks (a collective where some param is sharded: read it on every rank)."""
+        return self._global_sum([t.since_sync.count_differing(t.bits()) for t in self._params])
 
     def changed_masks(self, since: str = "reference") -> dict[str, Tensor]:
         """Per-parameter bool masks (param-shaped) of elements that differ from the reference
-        (``since="reference"``) or from the last sync (``since="sync"``)."""
+        (``since="reference"``) or from the last sync (``since="sync"``).
+
+        For a ``DTensor`` param the mask is a ``DTensor`` with the param's mesh and placements whose
+        local part is this rank's shard (no communication; ``.full_tensor()`` gathers it)."""
         if since not in ("reference", "sync"):
             raise ValueError(f"since must be 'reference' or 'sync', got {since!r}")
         masks = {}
         for tracked in self._params:
             store = tracked.reference if since == "reference" else tracked.since_sync
-            masks[tracked.name] = store.differing_mask(tracked.bits()).reshape(tracked.param.shape)
+            local = tracked.local()
+            mask = store.differing_mask(gate_view_bits(local).reshape(-1)).reshape(local.shape)
+            masks[tracked.name] = wrap_like(mask, tracked.param)
         return masks
 
     def memory_bytes(self) -> dict[str, float]:
-        """Extra memory the tracker costs: persistent bytes now, the peak transient step snapshot,
-        and both per tracked element."""
+        """Extra memory the tracker costs on this rank: persistent bytes now, the peak transient step
+        snapshot, and both per element held on this rank (the whole model in one process, the local
+        shards under FSDP2)."""
         persistent = sum(t.reference.nbytes() + t.since_sync.nbytes() for t in self._params)
+        held = sum(t.local().numel() for t in self._params)
         return {
             "persistent_bytes": persistent,
-            "persistent_bytes_per_param": persistent / self.total,
+            "persistent_bytes_per_param": persistent / held if held else 0.0,
             "step_snapshot_bytes": self._peak_snapshot_bytes,
-            "step_snapshot_bytes_per_param": self._peak_snapshot_bytes / self.total,
+            "step_snapshot_bytes_per_param": self._peak_snapshot_bytes / held if held else 0.0,
         }
 
     def summary(self) -> dict[str, Any]:
         """Totals over the history: per-step and cumulative changed fractions, overall, by module
-        kind and by layer; the swallowed fraction (``swallowed / total`` and ``swallowed / intended``)."""
+        kind and by layer; the swallowed fraction (``swallowed / total`` and ``swallowed / intended``).
+        Global figures, except ``memory`` (this rank's); a collective where some param is sharded."""
         steps = len(self.history)
         last = self.history[-1] if self.history else None
         result: dict[str, Any] = {
