@@ -12,7 +12,6 @@ optimizer, continues, and must end bit-identical to the uninterrupted run.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import torch
@@ -187,7 +186,8 @@ def real_training(mesh) -> dict:
 
     report = {}
     for dtype, tolerance in ((torch.float32, REAL_TOLERANCE_FP32), (torch.bfloat16, REAL_TOLERANCE_BF16)):
-        def fresh() -> nn.Module:
+
+        def fresh(dtype: torch.dtype = dtype) -> nn.Module:
             return make_model(0).to(dtype)
 
         start_weights = {n: w.float() for n, w in fresh().state_dict().items()}
