@@ -9,6 +9,40 @@ gather the active tiles' gradients into dense rows, update, scatter back
 (:mod:`sparse_rl_optim.optim.dense_block_functional`, a fused Triton kernel on CUDA).
 
 Tile selection: :mod:`sparse_rl_optim.optim.tile_selection`.
+
+Many ranks. Under DDP (replicated params, the same averaged gradients everywhere) every rank computes
+the same selection and step locally; nothing is communicated. Under FSDP2 (``fully_shard``: params
+and grads are ``DTensor`` s sharded on dim 0, each rank holding a contiguous run ``[start, stop)`` of
+the flat tensor, :func:`sparse_rl_optim.distributed.shard_span`) each rank steps its local shard and
+keeps state only for the tiles in it, and the run equals a single-process one bit for bit:
+
+* Tile ids are global (the tensor's own tiles). A blocked tensor's shards must start on tile
+  boundaries (``start % tile_size == 0`` on every rank; LLM weights with ``cols % 64 == 0`` always
+  do), else the first step raises a ``ValueError`` naming a tile size that works. A rank owns the
+  global tiles ``[start / tile_size, ceil(stop / tile_size))``; in ``optimizer.state`` it keeps the
+  active ones among them, by *local* id (global id minus ``start / tile_size``), with their rows;
+  :meth:`~_DenseBlockOptimizer.active_tiles` reports global ids. Densely handled tensors (decided,
+  like the number of active tiles, from the global shape) step their local shard with every local
+  tile active, whatever the shard boundaries (the update is elementwise, so this is exact).
+* Selection is global: at a (re)selection the per-tile gradient energy (accumulated per local tile
+  between selections) is merged into the tensor's full energy vector, and every rank ranks the
+  same vector with the single-process code (stable sort, ties to the lower tile id). ``"random"``
+  draws the single-process permutation on every rank; ``"off_principal"`` all-gathers the weight
+  for its SVD. Every rank then keeps the chosen tiles it owns.
+* Communication, per blocked sharded tensor and reselection only (the step itself has none): one
+  all-reduce of ``4 * num_tiles`` bytes (the energy, ``"grad"`` and ``"off_principal"``), plus for
+  ``"off_principal"`` an all-gather of the weight (``numel * element_size`` bytes). ``"random"``
+  communicates nothing. Per-rank state is the rank's share of the single-process state, but the
+  selection decides the share: tiles concentrate on the ranks whose rows have the largest gradients
+  (at most all ``n_active`` tiles of a tensor on one rank), so the ``density`` bound of
+  ``state_bytes_report`` holds for the sum over ranks, not for each rank.
+* ``state_dict()`` and ``load_state_dict()`` are collective (every rank calls them, as
+  ``torch.distributed.checkpoint`` does) and show the single-process layout: ``tile_ids``
+  ``[n_active]`` (global, sorted), ``tile_steps`` ``[n_active]``, rows ``[n_active, tile_size]``,
+  ``grad_energy`` ``[num_tiles]``, each a ``DTensor`` on the param's mesh split on dim 0 (so DCP
+  saves every row once, resharding on load, and a full state dict equals the single-process one).
+  The rows travel between their owner and the even chunks through one all-reduce per state tensor
+  (saving) or an all-gather of it (loading): transient memory of one tensor's full state.
 """
 
 from __future__ import annotations
@@ -16,6 +50,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +59,15 @@ from torch.optim import Optimizer
 
 from sparse_rl_optim._backend import check_backend, check_triton_available, resolve_backend
 from sparse_rl_optim._warnings import warn
+from sparse_rl_optim.distributed import (
+    is_dtensor,
+    is_sharded,
+    local_tensor,
+    merge_shards_,
+    shard_span,
+    shard_spans,
+    split_rows_like,
+)
 from sparse_rl_optim.optim._state_dict import load_state_dict_keeping_dtypes
 from sparse_rl_optim.optim.dense_block_functional import _gather_rows, _scatter_rows, dense_block_adamw, dense_block_sgd
 from sparse_rl_optim.optim.memory import optimizer_state_bytes
@@ -35,7 +79,7 @@ from sparse_rl_optim.optim.tile_selection import (
     select_tiles,
     tile_grad_energy,
 )
-from sparse_rl_optim.tiles import check_tile_size, num_tiles
+from sparse_rl_optim.tiles import MAX_TILE_SIZE, MIN_TILE_SIZE, check_tile_size, num_tiles
 
 __all__ = ["DenseBlockAdamW", "DenseBlockSGD"]
 
@@ -47,6 +91,9 @@ _ROW_DTYPE = torch.float32
 _ROW_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 #: State keys that are bookkeeping: the index overhead of the memory bound.
 _INDEX_KEYS = ("tile_ids", "tile_steps", "step")
+#: State keys with one entry (row) per active tile, and the one with an entry per tile of the tensor.
+_PER_ACTIVE_TILE = ("tile_ids", "tile_steps", *_ROW_KEYS)
+_PER_TILE = ("grad_energy",)
 
 _COMMON_DEFAULTS: dict[str, Any] = {
     "maximize": False,
@@ -62,6 +109,51 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "backend": "auto",
 }
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where this rank's part of a parameter lies in the tensor's tiles (the whole tensor, under one
+    process or DDP; the flat elements ``[start, stop)`` of an FSDP2 shard)."""
+
+    sharded: bool  # other ranks hold other parts: selection and state dicts communicate
+    start: int
+    stop: int
+    global_numel: int
+    tile_size: int
+    aligned: bool  # every rank's part starts on a tile boundary
+
+    @classmethod
+    def of(cls, param: Tensor, tile_size: int) -> _Layout:
+        if not is_sharded(param):
+            return cls(False, 0, param.numel(), param.numel(), tile_size, True)
+        span = shard_span(param)
+        aligned = all(
+            part.start % tile_size == 0 and (part.stop % tile_size == 0 or part.stop == part.global_numel)
+            for part in shard_spans(param)
+            if part.numel
+        )
+        return cls(True, span.start, span.stop, span.global_numel, tile_size, aligned)
+
+    @property
+    def first_tile(self) -> int:
+        """Global id of local tile 0 (aligned layouts)."""
+        return self.start // self.tile_size
+
+    @property
+    def local_tiles(self) -> int:
+        return num_tiles(self.stop - self.start, self.tile_size)
+
+    @property
+    def global_tiles(self) -> int:
+        return num_tiles(self.global_numel, self.tile_size)
+
+    def own(self, global_ids: Tensor) -> Tensor:
+        """The local ids of the given global tiles that this rank holds (aligned layouts)."""
+        if not self.sharded:
+            return global_ids
+        first = self.first_tile
+        return global_ids[(global_ids >= first) & (global_ids < first + self.local_tiles)] - first
 
 
 class _DenseBlockOptimizer(Optimizer):
@@ -135,30 +227,56 @@ class _DenseBlockOptimizer(Optimizer):
         """Position of each param in the optimizer (stable across a state_dict round trip)."""
         return {id(p): index for index, p in enumerate(p for group in self.param_groups for p in group["params"])}
 
-    def _prepare_tiles(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _layout(self, param: Tensor, tile_size: int) -> _Layout:
+        """``param``'s :class:`_Layout` (cached: a param's shape and placements do not change)."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        hit = cache.get(id(param))
+        if hit is None or hit[0] is not param or hit[1].tile_size != tile_size:
+            hit = cache[id(param)] = (param, _Layout.of(param, tile_size))
+        return hit[1]
+
+    def _selected_count(self, param: Tensor, layout: _Layout) -> int:
+        """How many tiles the current selection of ``param`` has over all ranks (a sum over the
+        shards, cached from the selection or the load; computed with one all-reduce if unknown)."""
+        ids = self.state[param]["tile_ids"]
+        if not layout.sharded:
+            return ids.numel()
+        counts = self.__dict__.setdefault("_selected_counts", {})
+        if id(param) not in counts:
+            total = merge_shards_(torch.tensor([ids.numel()], dtype=torch.int64, device=ids.device), param)
+            counts[id(param)] = int(total.item())
+        return counts[id(param)]
+
+    def _prepare_tiles(
+        self, group: dict[str, Any], params: list[Tensor], local_params: list[Tensor], grads: list[Tensor]
+    ) -> None:
         """Create the state of new params, accumulate gradient energy, and (re)select tiles where due:
         on the first step, every ``reselect_every`` steps, and when the group's ``density`` (or a
-        tensor's dense handling) no longer matches the active tiles."""
+        tensor's dense handling) no longer matches the active tiles. ``local_params`` and ``grads``:
+        what this rank holds (:func:`~sparse_rl_optim.distributed.local_tensor`)."""
         tile_size = group["tile_size"]
         needs_energy = group["select"] in USES_GRAD_ENERGY
         every = group["reselect_every"]
         positions: dict[int, int] | None = None
-        for param, grad in zip(params, grads, strict=True):
+        for param, local, grad in zip(params, local_params, grads, strict=True):
             state = self.state[param]
             if "tile_ids" not in state:
                 state["step"] = torch.tensor(0, dtype=torch.int64)  # on the CPU: reading it never syncs
             step = int(state["step"].item())  # a CPU tensor: no device sync
-            total = num_tiles(param.numel(), tile_size)
             if "tile_ids" in state:
                 self._check_rows(param, group)
             if self.is_dense(param, group) or group["density"] >= 1.0:
+                total = num_tiles(local.numel(), tile_size)  # every tile of this rank's part
                 if "tile_ids" not in state or state["tile_ids"].numel() != total:
                     self._warn_if_flat(param, group)
-                    self._set_tiles(param, group, torch.arange(total, device=param.device))
+                    self._set_tiles(param, group, torch.arange(total, device=local.device))
                 continue
-            wanted = n_active_tiles(param.numel(), tile_size, group["density"])
+            layout = self._layout(param, tile_size)
+            if not layout.aligned:
+                raise self._misaligned(param, group)
+            wanted = n_active_tiles(param.numel(), tile_size, group["density"])  # numel of the full tensor
             first = "tile_ids" not in state
-            resized = not first and state["tile_ids"].numel() != wanted  # density changed
+            resized = not first and self._selected_count(param, layout) != wanted  # density changed
             reselect = resized or (bool(every) and step > 0 and step % every == 0)
             energy = None
             if needs_energy and (first or reselect or every):
@@ -171,22 +289,83 @@ class _DenseBlockOptimizer(Optimizer):
                 continue
             if positions is None:
                 positions = self._param_index()
-            chosen = select_tiles(
-                group["select"],
-                weight=param,
-                n_active=wanted,
-                tile_size=tile_size,
-                grad_energy=energy,
-                seed=group["seed"],
-                tensor_index=positions[id(param)],
-                selection_round=step // every if every else 0,
-                principal_rank=group["principal_rank"],
-                principal_fraction=group["principal_fraction"],
-                name=f"param {positions[id(param)]} {tuple(param.shape)}",
-            )
-            self._set_tiles(param, group, chosen)
+            self._set_tiles(param, group, self._select(group, param, local, layout, wanted, energy, positions, step))
             if "grad_energy" in state:
                 state["grad_energy"] = torch.zeros_like(state["grad_energy"])  # a new window
+
+    def _select(
+        self,
+        group: dict[str, Any],
+        param: Tensor,
+        local: Tensor,
+        layout: _Layout,
+        wanted: int,
+        energy: Tensor | None,
+        positions: dict[int, int],
+        step: int,
+    ) -> Tensor:
+        """The single-process selection of ``param``'s tiles, as local ids of the tiles this rank
+        holds. A sharded tensor merges its per-tile energy over the ranks first (and all-gathers
+        the weight for ``"off_principal"``): every rank then ranks the same global vector."""
+        strategy = group["select"]
+        every = group["reselect_every"]
+        weight = local  # the whole tensor unless sharded
+        if layout.sharded:
+            if energy is not None:
+                whole = torch.zeros(layout.global_tiles, dtype=energy.dtype, device=energy.device)
+                whole[layout.first_tile : layout.first_tile + energy.numel()] = energy
+                energy = merge_shards_(whole, param)
+            if strategy == "off_principal":
+                weight = param.full_tensor()
+            else:  # only the global numel and the device are read
+                weight = local.new_zeros(1).expand(param.shape)
+        if energy is not None and float(group["lr"]) == 0.0 and not bool((energy > 0).any()):
+            # No gradient at lr 0: the state-creating step of torch.distributed.checkpoint's
+            # get/set_optimizer_state_dict (zero grads, lr=0), whose state a load overwrites.
+            # select_tiles would pick at random too, with a warning meant for training.
+            strategy = "random"
+        index = positions[id(param)]
+        chosen = select_tiles(
+            strategy,
+            weight=weight,
+            n_active=wanted,
+            tile_size=group["tile_size"],
+            grad_energy=energy,
+            seed=group["seed"],
+            tensor_index=index,
+            selection_round=step // every if every else 0,
+            principal_rank=group["principal_rank"],
+            principal_fraction=group["principal_fraction"],
+            name=f"param {index} {tuple(param.shape)}",
+        )
+        if layout.sharded:
+            self.__dict__.setdefault("_selected_counts", {})[id(param)] = chosen.numel()
+        return layout.own(chosen)
+
+    def _misaligned(self, param: Tensor, group: dict[str, Any]) -> ValueError:
+        """The error for a blocked tensor whose shards do not start on tile boundaries."""
+        tile_size = group["tile_size"]
+        numel, shape = param.numel(), tuple(param.shape)
+        cuts = sorted(
+            {part.start for part in shard_spans(param) if part.numel and part.start}
+            | {part.stop for part in shard_spans(param) if part.numel and part.stop < numel}
+        )
+        bad = next(cut for cut in cuts if cut % tile_size)
+        common = math.gcd(*cuts)
+        fits = min(common & -common, MAX_TILE_SIZE)  # the largest power of two dividing every boundary
+        if fits >= MIN_TILE_SIZE:
+            smaller = f" (or a smaller power of two, down to {MIN_TILE_SIZE})" if fits > MIN_TILE_SIZE else ""
+            hint = f"tile_size={fits}{smaller} would work"
+        else:
+            hint = (
+                f"no tile size of {MIN_TILE_SIZE} or more divides every boundary: handle it densely "
+                f"(dense_below > {numel}) or shard it differently"
+            )
+        row = numel // shape[0] if shape and shape[0] else 1
+        return ValueError(
+            f"{type(self).__name__}: a parameter of shape {shape} is sharded at flat element {bad} (row {bad // row}), "
+            f"which is not a multiple of tile_size={tile_size}: a tile would span two ranks; {hint}"
+        )
 
     def _check_rows(self, param: Tensor, group: dict[str, Any]) -> None:
         """State rows that fit the group's settings: a changed ``tile_size`` is an error; rows a
@@ -224,8 +403,9 @@ class _DenseBlockOptimizer(Optimizer):
         row_keys = self._row_keys(group)
         old_ids = state.get("tile_ids")
         count = tile_ids.numel()
-        new_rows = {key: torch.zeros(count, tile_size, dtype=_ROW_DTYPE, device=param.device) for key in row_keys}
-        new_steps = torch.zeros(count, dtype=torch.int32, device=param.device)
+        device = tile_ids.device  # the param's (its local shard's)
+        new_rows = {key: torch.zeros(count, tile_size, dtype=_ROW_DTYPE, device=device) for key in row_keys}
+        new_steps = torch.zeros(count, dtype=torch.int32, device=device)
         # Rows carry over only if all of them exist (a group that just got momentum starts fresh).
         complete = all(key in state for key in (*row_keys, "tile_steps"))
         if old_ids is not None and old_ids.numel() and count and row_keys and complete:
@@ -256,7 +436,7 @@ class _DenseBlockOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads = [], []
+            params, local_params, grads = [], [], []
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -266,34 +446,37 @@ class _DenseBlockOptimizer(Optimizer):
                     raise RuntimeError(
                         f"gradient of shape {tuple(param.grad.shape)} for a parameter of shape {tuple(param.shape)}"
                     )
-                params.append(param)
-                grads.append(param.grad)
+                params.append(param)  # the key of its state
+                local_params.append(local_tensor(param))  # what this rank holds and steps (FSDP2: its shard)
+                grads.append(local_tensor(param.grad))
             if not params:
                 continue
-            self._prepare_tiles(group, params, grads)
+            self._prepare_tiles(group, params, local_params, grads)
             if group["rest"] == "sgd":
-                self._step_rest(group, params, grads)
-            self._step_active(group, params, grads)
+                self._step_rest(group, params, local_params, grads)
+            self._step_active(group, params, local_params, grads)
             for param in params:
                 self.state[param]["step"] += 1
         return loss
 
-    def _step_rest(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _step_rest(
+        self, group: dict[str, Any], params: list[Tensor], local_params: list[Tensor], grads: list[Tensor]
+    ) -> None:
         """``rest="sgd"``: a stateless RLSGD step (``rest_lr``, nearest rounding, no weight decay) on
         every element outside the active tiles. RLSGD steps whole tensors, so the active tiles'
         values are saved before and put back after (the active step then updates them)."""
         tile_size = group["tile_size"]
         partial = [
             slot
-            for slot, param in enumerate(params)
-            if self.state[param]["tile_ids"].numel() < num_tiles(param.numel(), tile_size)
+            for slot, (param, local) in enumerate(zip(params, local_params, strict=True))
+            if self.state[param]["tile_ids"].numel() < num_tiles(local.numel(), tile_size)
         ]
         if not partial:
             return
-        on_kernels = [self._tile_kernels_apply(params[i], group) for i in partial]
+        on_kernels = [self._tile_kernels_apply(local_params[i], group) for i in partial]
         saved = []
         for slot, kernels in zip(partial, on_kernels, strict=True):
-            param, ids = params[slot], self.state[params[slot]]["tile_ids"]
+            param, ids = local_params[slot], self.state[params[slot]]["tile_ids"]
             if kernels:  # the pack kernel: no host sync (the reference's partial-tile check reads the ids)
                 from sparse_rl_optim.kernels.launch import pack_tiles_triton
 
@@ -301,7 +484,7 @@ class _DenseBlockOptimizer(Optimizer):
             else:
                 saved.append(_gather_rows(param, ids, tile_size, param.dtype))
         rlsgd(
-            [params[i] for i in partial],
+            [local_params[i] for i in partial],
             [grads[i] for i in partial],
             [None] * len(partial),
             lr=self._rest_lr(group),
@@ -309,7 +492,7 @@ class _DenseBlockOptimizer(Optimizer):
             backend=group["backend"],
         )
         for slot, rows, kernels in zip(partial, saved, on_kernels, strict=True):
-            param, ids = params[slot], self.state[params[slot]]["tile_ids"]
+            param, ids = local_params[slot], self.state[params[slot]]["tile_ids"]
             if kernels:
                 from sparse_rl_optim.kernels.launch import apply_tiles_triton
 
@@ -332,16 +515,164 @@ class _DenseBlockOptimizer(Optimizer):
         base = group.get("rest_lr_base") or 0.0
         return float(group["rest_lr"]) * float(group["lr"]) / base if base else float(group["rest_lr"])
 
-    @staticmethod
-    def _tile_kernels_apply(param: Tensor, group: dict[str, Any]) -> bool:
-        """Whether the Triton tile kernels save and restore ``param``'s active tiles (CUDA, or the
-        interpreter with ``backend="triton"``; contiguous params)."""
-        return param.is_contiguous() and resolve_backend(group["backend"], [param]) == "triton"
-
-    def _step_active(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _step_active(
+        self, group: dict[str, Any], params: list[Tensor], local_params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        """The update of the active tiles: ``params`` key the state, ``local_params`` are stepped."""
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``Optimizer.state_dict``. For params sharded by FSDP2 it is collective (every rank
+        calls it, in the same order as the other ranks, as ``torch.distributed.checkpoint`` does)
+        and shows the single-process layout (global, sorted ``tile_ids``; rows in their order),
+        each per-tile tensor a ``DTensor`` split on dim 0 over the param's mesh (see the module
+        docstring). Costs, per sharded tensor with state: an all-reduce of 4 bytes per tile (which
+        tiles are active) and one of each per-active-tile state tensor (``tile_steps``, the rows:
+        ``4 * n_active * tile_size`` bytes per row key), and ``grad_energy`` (4 bytes per tile);
+        every rank holds one tensor's full state while it is split."""
+        state_dict = super().state_dict()
+        entries = self._entries_by_index(state_dict)
+        if not entries:
+            return state_dict
+        state = dict(state_dict["state"])
+        for index, param, group in entries:
+            entry = state.get(index)
+            if isinstance(entry, dict) and "tile_ids" in entry:
+                state[index] = self._global_entry(param, group, entry)
+        return {**state_dict, "state": state}
+
+    def _entries_by_index(self, state_dict: dict[str, Any]) -> list[tuple[Any, Tensor, dict[str, Any]]]:
+        """``(key in state_dict["state"], param, group)`` for each sharded param (none: []), keys as
+        ``Optimizer.load_state_dict`` pairs them (the saved groups' ``params``, in order)."""
+        params = [param for group in self.param_groups for param in group["params"]]
+        if not any(is_sharded(param) for param in params):
+            return []
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return []  # torch raises its own error
+        return [
+            (key, param, group)
+            for saved, group in zip(saved_groups, self.param_groups, strict=True)
+            for key, param in zip(saved["params"], group["params"], strict=False)
+            if is_sharded(param)
+        ]
+
+    def _global_entry(self, param: Tensor, group: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+        """This rank's state of a sharded ``param`` in the single-process layout (collective)."""
+        tile_size = group["tile_size"]
+        layout = self._layout(param, tile_size)
+        ids = entry["tile_ids"]
+        out = dict(entry)
+        if layout.aligned:
+            owned = ids + layout.first_tile
+            active = torch.zeros(layout.global_tiles, dtype=torch.int32, device=ids.device)
+            active[owned] = 1
+            chosen = merge_shards_(active, param).nonzero().reshape(-1)
+            slots = torch.searchsorted(chosen, owned)
+            out["tile_ids"] = chosen
+            for key in _PER_ACTIVE_TILE[1:]:
+                if key in entry:
+                    value = entry[key]
+                    whole = torch.zeros((chosen.numel(), *value.shape[1:]), dtype=value.dtype, device=value.device)
+                    whole[slots] = value
+                    out[key] = merge_shards_(whole, param)
+            if "grad_energy" in entry:
+                energy = entry["grad_energy"]
+                whole = torch.zeros(layout.global_tiles, dtype=energy.dtype, device=energy.device)
+                whole[layout.first_tile : layout.first_tile + energy.numel()] = energy
+                out["grad_energy"] = merge_shards_(whole, param)
+        else:
+            # A densely handled tensor (every tile of this rank's part active) cut between tiles:
+            # its state moves element by element.
+            size = layout.stop - layout.start
+            total = layout.global_tiles
+            out["tile_ids"] = torch.arange(total, device=ids.device)
+            out.pop("grad_energy", None)
+            for key in _ROW_KEYS:
+                if key in entry:
+                    flat = torch.zeros(total * tile_size, dtype=entry[key].dtype, device=ids.device)
+                    flat[layout.start : layout.stop] = entry[key].reshape(-1)[:size]
+                    out[key] = merge_shards_(flat, param).view(total, tile_size)
+            if "tile_steps" in entry:
+                steps = entry["tile_steps"]
+                per_element = torch.zeros(total * tile_size, dtype=steps.dtype, device=ids.device)
+                per_element[layout.start : layout.stop] = steps.repeat_interleave(tile_size)[:size]
+                out["tile_steps"] = merge_shards_(per_element, param)[::tile_size].clone()
+        for key in (*_PER_ACTIVE_TILE, *_PER_TILE):
+            if key in out:
+                out[key] = split_rows_like(out[key], param)
+        return out
+
+    def _local_entries(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[int, int]]:
+        """``state_dict`` with the state of sharded params in this rank's layout (collective), and
+        the number of selected tiles of each (by ``id(param)``). State given as ``DTensor`` s is
+        all-gathered, plain tensors (a single-process or full state dict) are taken as they are."""
+        counts: dict[int, int] = {}
+        state = state_dict.get("state")
+        entries = self._entries_by_index(state_dict) if isinstance(state, dict) else []
+        if not isinstance(state, dict):
+            return state_dict, counts
+        gathered = dict(state)
+        changed = False
+        for key in sorted(gathered, key=str):  # the same order on every rank: all-gathers pair up
+            entry = gathered[key]
+            if isinstance(entry, dict) and "tile_ids" in entry and any(is_dtensor(v) for v in entry.values()):
+                gathered[key] = {name: _full(entry[name]) for name in sorted(entry, key=str)}
+                changed = True
+        if not entries:
+            return ({**state_dict, "state": gathered} if changed else state_dict), counts
+        saved_groups = state_dict["param_groups"]
+        settings_of = {
+            id(group): {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            for saved, group in zip(saved_groups, self.param_groups, strict=True)
+        }
+        for key, param, group in entries:
+            entry = gathered.get(key)
+            if not isinstance(entry, dict) or "tile_ids" not in entry:
+                continue
+            settings = settings_of[id(group)]
+            _validate_common(settings)
+            _check_state_layout(entry, param.numel(), param.shape, settings, self._row_keys(settings))
+            gathered[key] = self._local_entry(param, group, entry)
+            counts[id(param)] = entry["tile_ids"].numel()
+        return {**state_dict, "state": gathered}, counts
+
+    def _local_entry(self, param: Tensor, group: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+        """The part of a single-process layout state (full tensors) this rank keeps for ``param``."""
+        tile_size = group["tile_size"]
+        layout = self._layout(param, tile_size)
+        chosen = entry["tile_ids"]
+        out = dict(entry)
+        if layout.aligned:
+            first = layout.first_tile
+            mine = (chosen >= first) & (chosen < first + layout.local_tiles)
+            out["tile_ids"] = chosen[mine] - first
+            for key in _PER_ACTIVE_TILE[1:]:
+                if key in entry:
+                    out[key] = entry[key][mine]
+            energy = entry.get("grad_energy")
+            if energy is not None:
+                out["grad_energy"] = energy[first : first + layout.local_tiles].clone()
+        else:  # every tile of this rank's part active (a densely handled tensor): element by element
+            size = layout.stop - layout.start
+            total, count = layout.global_tiles, layout.local_tiles
+            out["tile_ids"] = torch.arange(count, device=chosen.device)
+            out.pop("grad_energy", None)
+            for key in _ROW_KEYS:
+                if key in entry:
+                    rows = torch.zeros(total, tile_size, dtype=entry[key].dtype, device=chosen.device)
+                    rows[chosen] = entry[key]
+                    local = torch.zeros(count * tile_size, dtype=rows.dtype, device=chosen.device)
+                    local[:size] = rows.reshape(-1)[layout.start : layout.stop]
+                    out[key] = local.view(count, tile_size)
+            if "tile_steps" in entry:
+                steps = torch.zeros(total, dtype=entry["tile_steps"].dtype, device=chosen.device)
+                steps[chosen] = entry["tile_steps"]
+                starts = layout.start + torch.arange(count, device=chosen.device) * tile_size
+                out["tile_steps"] = steps[starts // tile_size]
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``Optimizer.load_state_dict``, but state keeps its dtypes (fp32 rows, int64 tile ids,
@@ -353,6 +684,7 @@ class _DenseBlockOptimizer(Optimizer):
         which has no tiles, is dropped (the tiles are selected on the next step, their state starts
         from zero); all with a warning."""
         name = type(self).__name__
+        state_dict, selected_counts = self._local_entries(state_dict)
         own = {"lr", *_COMMON_DEFAULTS, *self._extra_defaults()}
         # (torch adds "differentiable" to every group; LR schedulers add "initial_lr")
         known = {*own, "params", "initial_lr", "rest_lr_base", "differentiable"}
@@ -383,7 +715,8 @@ class _DenseBlockOptimizer(Optimizer):
                 for index, param in zip(saved["params"], current["params"], strict=False):
                     entry = incoming.get("state", {}).get(index)
                     if isinstance(entry, dict) and "tile_ids" in entry:
-                        _check_state_layout(entry, param, settings, self._row_keys(settings))
+                        numel = local_tensor(param).numel()  # this rank's part (FSDP2: its shard)
+                        _check_state_layout(entry, numel, param.shape, settings, self._row_keys(settings))
 
         load_state_dict_keeping_dtypes(
             self, super().load_state_dict, state_dict, dtype_of=lambda param, key, value: value.dtype, inspect=prepare
@@ -400,6 +733,7 @@ class _DenseBlockOptimizer(Optimizer):
         for state in self.state.values():
             # On the CPU, as created: reading it then never waits for a GPU (torch may move it).
             state["step"] = torch.tensor(int(state["step"]), dtype=torch.int64)
+        self.__dict__.setdefault("_selected_counts", {}).update(selected_counts)
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (measured, as :func:`optimizer_state_bytes`)."""
@@ -418,6 +752,10 @@ class _DenseBlockOptimizer(Optimizer):
         (4 B per active tile) and step counters; ``selection``: gradient energy (4 B per tile of a
         blocked tensor, kept only with ``reselect_every`` and ``select="grad"|"off_principal"``);
         ``dense``: every state byte of densely handled tensors (``is_dense``).
+
+        Under FSDP2 the report is this rank's: its state and the elements it holds (``numel`` of its
+        shards). The bound holds for the sum over the ranks; one rank may hold more than its
+        ``density`` share of a tensor's tiles, since the selection is global (module docstring).
         """
         report = dict.fromkeys(
             ("rows", "index", "selection", "dense", "total", "budget", "overhead", "blocked_numel", "dense_numel"), 0
@@ -431,23 +769,40 @@ class _DenseBlockOptimizer(Optimizer):
                     for key, value in state.items()
                     if isinstance(value, Tensor)
                 }
+                numel = local_tensor(param).numel()  # this rank's part
                 if self.is_dense(param, group):
                     report["dense"] += sum(sizes.values())
-                    report["dense_numel"] += param.numel()
+                    report["dense_numel"] += numel
                     continue
                 report["rows"] += sum(size for key, size in sizes.items() if key in _ROW_KEYS)
                 report["index"] += sum(size for key, size in sizes.items() if key in _INDEX_KEYS)
                 report["selection"] += sizes.get("grad_energy", 0)
-                report["blocked_numel"] += param.numel()
-                report["budget"] += int(per_element * group["density"] * param.numel())
+                report["blocked_numel"] += numel
+                report["budget"] += int(per_element * group["density"] * numel)
                 report["overhead"] += per_element * group["tile_size"]
         report["overhead"] += report["index"] + report["selection"] + report["dense"]
         report["total"] = report["rows"] + report["index"] + report["selection"] + report["dense"]
         return report
 
     def active_tiles(self) -> dict[Tensor, Tensor]:
-        """param -> sorted int64 ids of its active tiles (params that have stepped)."""
-        return {param: state["tile_ids"] for param, state in self.state.items() if "tile_ids" in state}
+        """param -> sorted int64 ids of its active tiles (params that have stepped). Under FSDP2:
+        the global ids of the active tiles in this rank's shard (for a densely handled tensor
+        whose shards do not start on tile boundaries: every tile that overlaps the shard)."""
+        tile_sizes = {id(param): group["tile_size"] for group in self.param_groups for param in group["params"]}
+        active = {}
+        for param, state in self.state.items():
+            if "tile_ids" not in state:
+                continue
+            ids = state["tile_ids"]
+            if id(param) in tile_sizes and is_sharded(param):
+                tile_size = tile_sizes[id(param)]
+                layout = self._layout(param, tile_size)
+                if layout.aligned:
+                    ids = ids + layout.first_tile
+                elif layout.stop > layout.start:
+                    ids = torch.arange(layout.start // tile_size, num_tiles(layout.stop, tile_size), device=ids.device)
+            active[param] = ids
+        return active
 
 
 class DenseBlockAdamW(_DenseBlockOptimizer):
@@ -558,11 +913,13 @@ class DenseBlockAdamW(_DenseBlockOptimizer):
                 "active tiles needs a learning rate of its own (SGD in RL works at ~0.1, AdamW at ~1e-6)"
             )
 
-    def _step_active(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _step_active(
+        self, group: dict[str, Any], params: list[Tensor], local_params: list[Tensor], grads: list[Tensor]
+    ) -> None:
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         dense_block_adamw(
-            params,
+            local_params,
             grads,
             [s["tile_ids"] for s in states],
             [s["tile_steps"] for s in states],
@@ -655,11 +1012,13 @@ class DenseBlockSGD(_DenseBlockOptimizer):
     def _row_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
-    def _step_active(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+    def _step_active(
+        self, group: dict[str, Any], params: list[Tensor], local_params: list[Tensor], grads: list[Tensor]
+    ) -> None:
         states = [self.state[p] for p in params]
         has_momentum = group["momentum"] != 0
         dense_block_sgd(
-            params,
+            local_params,
             grads,
             [s["tile_ids"] for s in states],
             [s["tile_steps"] if has_momentum else None for s in states],
@@ -727,13 +1086,21 @@ def _validate_common(settings: dict[str, Any]) -> None:
     check_backend(settings["backend"])
 
 
-def _check_state_layout(state: dict[str, Any], param: Tensor, group: dict[str, Any], rows: tuple[str, ...]) -> None:
-    """A loaded state must describe this param in this group's tile geometry."""
+def _full(value: Any) -> Any:
+    """A ``DTensor`` as the full tensor (an all-gather), anything else as it is."""
+    return value.full_tensor() if is_dtensor(value) else value
+
+
+def _check_state_layout(
+    state: dict[str, Any], numel: int, shape: tuple[int, ...], group: dict[str, Any], rows: tuple[str, ...]
+) -> None:
+    """A loaded state must describe a param of ``numel`` elements (of ``shape``, for the message;
+    this rank's part under FSDP2) in this group's tile geometry."""
     tile_ids = state.get("tile_ids")
     if tile_ids is None:
         return
     tile_size = group["tile_size"]
-    total = num_tiles(param.numel(), tile_size)
+    total = num_tiles(numel, tile_size)
     problem = None
     if state.get("tile_size", tile_size) != tile_size:
         problem = f"its tile ids are of tiles of {state['tile_size']}, the group's tile_size is {tile_size}"
@@ -757,4 +1124,4 @@ def _check_state_layout(state: dict[str, Any], param: Tensor, group: dict[str, A
             if steps.is_floating_point() or int(steps.min()) < 0 or int(steps.max()) > step:
                 problem = f"tile_steps must be integers in [0, step={step}]"
     if problem:
-        raise ValueError(f"loaded dense-block state does not fit a parameter of shape {tuple(param.shape)}: {problem}")
+        raise ValueError(f"loaded dense-block state does not fit a parameter of shape {tuple(shape)}: {problem}")
