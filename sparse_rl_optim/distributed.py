@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "ShardSpan",
     "all_reduce_sum",
+    "broadcast_int",
     "counts_here",
     "is_distributed",
     "is_dtensor",
@@ -154,12 +155,14 @@ def shard_span(tensor: Tensor) -> ShardSpan:
 def counts_here(tensor: Tensor) -> bool:
     """Whether this rank's copy of ``tensor`` counts in a sum over all ranks of the default group:
     a ``DTensor`` counts on the ranks at coordinate 0 of each mesh dim it is replicated over (so each
-    shard counts once); any other tensor, being a replica (DDP), on global rank 0 only."""
+    shard counts once, whichever dim it is sharded on); any other tensor, being a replica (DDP), on
+    global rank 0 only."""
     if not is_dtensor(tensor):
         return not is_distributed() or dist.get_rank() == 0
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Replicate, Shard
 
-    _check_placements(tensor)
+    if any(not isinstance(placement, (Replicate, Shard)) for placement in tensor.placements):
+        raise NotImplementedError(f"cannot count a DTensor with placements {tuple(tensor.placements)} once")
     mesh = tensor.device_mesh
     coordinate = mesh.get_coordinate()
     if coordinate is None:  # this rank is not in the tensor's mesh
@@ -169,6 +172,18 @@ def counts_here(tensor: Tensor) -> bool:
         for mesh_dim, placement in enumerate(tensor.placements)
         if type(placement) is Replicate
     )
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """``value`` as global rank ``src`` has it, on every rank of the default process group (``value``
+    itself with one process). A collective: every rank must call it, in the same order."""
+    if not is_distributed():
+        return value
+    shared = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        shared = shared.to(f"cuda:{torch.cuda.current_device()}")
+    dist.broadcast(shared, src=src)
+    return int(shared.item())
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

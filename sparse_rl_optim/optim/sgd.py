@@ -27,7 +27,7 @@ from sparse_rl_optim.bf16 import (
     stochastic_round,
     stochastic_seed,
 )
-from sparse_rl_optim.distributed import is_dtensor, local_tensor, shard_like, shard_span, wrap_like
+from sparse_rl_optim.distributed import broadcast_int, is_dtensor, local_tensor, shard_like, shard_span, wrap_like
 from sparse_rl_optim.optim._state_dict import load_state_dict_keeping_dtypes
 from sparse_rl_optim.optim.memory import optimizer_state_bytes
 
@@ -102,7 +102,16 @@ class RLSGD(Optimizer):
     half an ulp survive in expectation). Its random bits come from a counter-based hash of (a per-step
     seed drawn from torch's default generator, the tensor's index, the element's index), so
     ``torch.manual_seed`` reproduces a run and every execution path draws the same bits. fp32/fp64
-    params always round to nearest (there is no coarser grid to round to).
+    params always round to nearest (there is no coarser grid to round to). With several processes
+    (``torch.distributed``) the step seed is global rank 0's, broadcast at each stochastic step (one
+    int64; every rank must call ``step()``, as data-parallel training does), and the element index
+    is global, so DDP replicas stay identical and FSDP2 shards get the bits one process would.
+
+    Many processes: under DDP nothing changes; under FSDP2 each rank steps its local shards
+    (``DTensor`` params sharded on dim 0, no all-gather) and momentum buffers are ``DTensor`` s
+    sharded like their params, for ``torch.distributed.checkpoint``. A stepped param gets an
+    (empty) entry in ``state``, so that checkpointing does not run its dummy step on a stepped
+    optimizer.
 
     Differences from ``torch.optim.SGD``: weight decay is decoupled (``p *= 1 - lr*wd``, as in
     AdamW, not ``g += wd*p``); for bf16 params torch's CPU path ``p.add_(g, alpha=-lr)`` rounds lr
@@ -267,7 +276,9 @@ class RLSGD(Optimizer):
                 owners.append(param)
                 params.append(local_tensor(param))
                 grads.append(local_tensor(param.grad))
-                offsets.append(shard_span(param).start if is_dtensor(param) else 0)
+                # Only stochastic rounding reads the element index (so only it needs a Shard(0) layout).
+                sharded_stream = is_dtensor(param) and group["rounding"] == "stochastic"
+                offsets.append(shard_span(param).start if sharded_stream else 0)
                 buffer = state.get("momentum_buffer") if group["momentum"] != 0 else None
                 momentum_buffers.append(None if buffer is None else local_tensor(buffer))
             if not params:
@@ -475,8 +486,11 @@ def rlsgd(
 @torch._dynamo.disable
 def _draw_step_seed() -> int:
     """A 31-bit seed from torch's default generator, drawn eagerly even inside ``torch.compile``
-    (compiled code would draw it from inductor's own generator: a different stream)."""
-    return int(torch.randint(0, 2**31, (1,)).item())
+    (compiled code would draw it from inductor's own generator: a different stream). With several
+    processes, global rank 0's seed on every rank: trainers seed ranks differently (TRL's
+    ``set_seed(seed, device_specific=True)``), and DDP replicas must round alike, FSDP2 shards as
+    one process would."""
+    return broadcast_int(int(torch.randint(0, 2**31, (1,)).item()))
 
 
 def _step_scalars(work_dtype: torch.dtype, lr: float, weight_decay: float) -> tuple[float, float]:

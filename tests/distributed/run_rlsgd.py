@@ -118,15 +118,17 @@ def explicit_gradients(mesh) -> dict:
     """Same gradients: FSDP2 and DDP equal a single-process run bit for bit."""
     results = {}
     for label, settings in SETTINGS.items():
-        torch.manual_seed(7)  # the stochastic-rounding step seeds
         reference = make_model(0)
+        torch.manual_seed(7)  # the stochastic-rounding step seeds (after make_model, which seeds too)
         run_explicit(reference, settings, range(STEPS))
         want = full_weights(reference)
         moved = sum(int((want[n] != make_model(0).state_dict()[n]).sum()) for n in want)
         assert moved > 0, f"{label}: the reference run changed nothing, the comparison would be empty"
 
-        torch.manual_seed(7)
+        # Ranks seeded differently, as trainers do (TRL: set_seed(seed, device_specific=True)):
+        # rank 0's step seeds, broadcast, must reproduce the single-process run seeded like rank 0.
         sharded = shard(make_model(0), mesh)
+        torch.manual_seed(7 + dist.get_rank())
         optimizer = run_explicit(sharded, settings, range(STEPS))
         assert_bit_equal(full_weights(sharded), want, f"FSDP2 {label}")
         for param in sharded.parameters():
@@ -143,8 +145,8 @@ def explicit_gradients(mesh) -> dict:
             dist.all_reduce(total)
             assert int(total) == 4 * sum(param.numel() for param in sharded.parameters())
 
-        torch.manual_seed(7)
         replicated = DistributedDataParallel(make_model(0))
+        torch.manual_seed(7 + dist.get_rank())
         run_explicit(replicated, settings, range(STEPS))
         assert_bit_equal(full_weights(replicated), want, f"DDP {label}")
         results[label] = {"changed_elements": moved}
@@ -223,8 +225,8 @@ def checkpoint_settings() -> dict:
 
 def save_and_continue(mesh, out) -> dict:
     """The uninterrupted run, with a DCP checkpoint after SAVE_AT steps; full state dicts round-trip."""
-    torch.manual_seed(11)
     model = shard(make_model(0), mesh)
+    torch.manual_seed(11 + dist.get_rank())  # ranks seeded differently, as trainers do
     optimizer = run_explicit(model, checkpoint_settings(), range(SAVE_AT))
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(out / "dcp"))
@@ -262,7 +264,6 @@ def save_and_continue(mesh, out) -> dict:
 
 def resume(mesh, out) -> dict:
     """A fresh job: another initialisation, load the checkpoint, continue; equal the uninterrupted run."""
-    torch.manual_seed(999)
     model = shard(make_model(1), mesh)  # different weights: the load must replace them
     optimizer = RLSGD(model.parameters(), **checkpoint_settings())
     model_state, optim_state = get_state_dict(model, optimizer)
