@@ -30,7 +30,9 @@ def test_fsdp2_and_ddp_equal_a_single_process_run_bit_for_bit(trained: dict) -> 
     # dicts with the single-process run (and exits non-zero on a difference).
     assert trained["failures"] == []
     runs = {tag: run for tag, run in trained.items() if isinstance(run, dict) and "counts" in run}
-    assert len(runs) == 18  # AdamW, SGD; 3 selections; bf16, fp32; rest="sgd"; HSDP; the Triton kernels
+    # AdamW, SGD; 3 selections; bf16, fp32; rest="sgd"; density and dense_below changed mid-run; HSDP; the
+    # Triton kernels
+    assert len(runs) == 19
     for tag, run in runs.items():
         assert run["reselection_moved_tiles"], tag  # the runs cover reselection, not one fixed set
         # Each rank holds its share of the rows: never all of them, together exactly all of them.
@@ -52,8 +54,11 @@ def test_a_shard_boundary_inside_a_tile_is_refused_with_a_tile_size_that_works(t
 
 
 def test_dcp_checkpoint_resumes_in_a_new_job_bit_identically(trained: dict, workdir: Path) -> None:
-    assert (workdir / "uninterrupted.pt").exists()
+    # AdamW; SGD with momentum, "off_principal" and its density changed before the save
+    assert (workdir / "uninterrupted0.pt").exists() and (workdir / "uninterrupted1.pt").exists()
     run_torchrun("run_dense_block.py", workdir, "--scenario", "resume")
     resumed = json.loads((workdir / "resume.json").read_text())
     assert resumed["failures"] == []
-    assert resumed["compared_with_uninterrupted"] == ["a", "b", "bias", "c", "d", "small"]
+    compared = resumed["compared_with_uninterrupted"]
+    assert len(compared) == 2
+    assert all(names == ["a", "b", "bias", "c", "d", "small"] for names in compared.values())

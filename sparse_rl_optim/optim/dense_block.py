@@ -42,7 +42,23 @@ keeps state only for the tiles in it, and the run equals a single-process one bi
   ``grad_energy`` ``[num_tiles]``, each a ``DTensor`` on the param's mesh split on dim 0 (so DCP
   saves every row once, resharding on load, and a full state dict equals the single-process one).
   The rows travel between their owner and the even chunks through one all-reduce per state tensor
-  (saving) or an all-gather of it (loading): transient memory of one tensor's full state.
+  (saving) or an all-gather of it (loading; each param's state gathered and cut to this rank's part
+  before the next): transient memory of one tensor's full state.
+* Resuming with ``torch.distributed.checkpoint``: ``dcp.load`` fills the state that
+  ``get_optimizer_state_dict`` creates in a fresh optimizer (a step at lr 0), and insists on its
+  shapes, which follow the settings that decide the number of active tiles: ``density`` and
+  ``dense_below`` (and ``tile_size``). If they changed before the save (e.g. a density schedule),
+  give each group the saved ones *before* ``get_optimizer_state_dict``, else ``dcp.load`` fails
+  with DCP's "Size mismatch between saved torch.Size([16]) and current: torch.Size([8]) for
+  optim.state.<param>.tile_ids". They can be read from the checkpoint first::
+
+      saved = {"optim": {"param_groups": [{"density": 0.0, "dense_below": 0} for _ in optimizer.param_groups]}}
+      dcp.load(saved, checkpoint_id=path)  # fills in the saved values
+      for group, settings in zip(optimizer.param_groups, saved["optim"]["param_groups"]):
+          group.update(settings)
+
+  A full state dict (``full_state_dict=True``) and ``load_state_dict`` need none of this: they
+  take the state and the groups' settings as saved.
 """
 
 from __future__ import annotations
@@ -266,6 +282,11 @@ class _DenseBlockOptimizer(Optimizer):
             if "tile_ids" in state:
                 self._check_rows(param, group)
             if self.is_dense(param, group) or group["density"] >= 1.0:
+                # Every tile active, so over the ranks every tile of the tensor (param.numel() is the
+                # global numel): a later lower density then finds the count changed and reselects.
+                # Set on every rank, whatever this rank's part holds: a rank that kept the old count
+                # would skip the reselection (and its all-reduce) that the others run.
+                self.__dict__.setdefault("_selected_counts", {})[id(param)] = num_tiles(param.numel(), tile_size)
                 total = num_tiles(local.numel(), tile_size)  # every tile of this rank's part
                 if "tile_ids" not in state or state["tile_ids"].numel() != total:
                     self._warn_if_flat(param, group)
@@ -309,21 +330,22 @@ class _DenseBlockOptimizer(Optimizer):
         the weight for ``"off_principal"``): every rank then ranks the same global vector."""
         strategy = group["select"]
         every = group["reselect_every"]
+        if layout.sharded and energy is not None:
+            whole = torch.zeros(layout.global_tiles, dtype=energy.dtype, device=energy.device)
+            whole[layout.first_tile : layout.first_tile + energy.numel()] = energy
+            energy = merge_shards_(whole, param)
+        if energy is not None and float(group["lr"]) == 0.0 and not bool((energy > 0).any()):
+            # No gradient at lr 0: the state-creating step of torch.distributed.checkpoint's
+            # get/set_optimizer_state_dict (zero grads, lr=0), whose state a load overwrites.
+            # select_tiles would pick at random too, with a warning meant for training. Decided
+            # on the merged energy (the same on every rank), before the weight is all-gathered.
+            strategy = "random"
         weight = local  # the whole tensor unless sharded
         if layout.sharded:
-            if energy is not None:
-                whole = torch.zeros(layout.global_tiles, dtype=energy.dtype, device=energy.device)
-                whole[layout.first_tile : layout.first_tile + energy.numel()] = energy
-                energy = merge_shards_(whole, param)
             if strategy == "off_principal":
                 weight = param.full_tensor()
             else:  # only the global numel and the device are read
                 weight = local.new_zeros(1).expand(param.shape)
-        if energy is not None and float(group["lr"]) == 0.0 and not bool((energy > 0).any()):
-            # No gradient at lr 0: the state-creating step of torch.distributed.checkpoint's
-            # get/set_optimizer_state_dict (zero grads, lr=0), whose state a load overwrites.
-            # select_tiles would pick at random too, with a warning meant for training.
-            strategy = "random"
         index = positions[id(param)]
         chosen = select_tiles(
             strategy,
@@ -608,36 +630,51 @@ class _DenseBlockOptimizer(Optimizer):
     def _local_entries(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[int, int]]:
         """``state_dict`` with the state of sharded params in this rank's layout (collective), and
         the number of selected tiles of each (by ``id(param)``). State given as ``DTensor`` s is
-        all-gathered, plain tensors (a single-process or full state dict) are taken as they are."""
+        all-gathered, plain tensors (a single-process or full state dict) are taken as they are;
+        one entry at a time, each cut to this rank's part before the next is gathered, so at most
+        one tensor's full state is held at once."""
         counts: dict[int, int] = {}
         state = state_dict.get("state")
-        entries = self._entries_by_index(state_dict) if isinstance(state, dict) else []
         if not isinstance(state, dict):
             return state_dict, counts
-        gathered = dict(state)
+        owners = {key: (param, group) for key, param, group in self._entries_by_index(state_dict)}
+        settings_of: dict[int, dict[str, Any]] = {}
+        if owners:
+            settings_of = {
+                id(group): {**group, **{k: v for k, v in saved.items() if k != "params"}}
+                for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=True)
+            }
+        local = dict(state)
         changed = False
-        for key in sorted(gathered, key=str):  # the same order on every rank: all-gathers pair up
-            entry = gathered[key]
-            if isinstance(entry, dict) and "tile_ids" in entry and any(is_dtensor(v) for v in entry.values()):
-                gathered[key] = {name: _full(entry[name]) for name in sorted(entry, key=str)}
-                changed = True
-        if not entries:
-            return ({**state_dict, "state": gathered} if changed else state_dict), counts
-        saved_groups = state_dict["param_groups"]
-        settings_of = {
-            id(group): {**group, **{k: v for k, v in saved.items() if k != "params"}}
-            for saved, group in zip(saved_groups, self.param_groups, strict=True)
-        }
-        for key, param, group in entries:
-            entry = gathered.get(key)
+        for key in sorted(local, key=str):  # the same order on every rank: all-gathers pair up
+            entry = local[key]
             if not isinstance(entry, dict) or "tile_ids" not in entry:
                 continue
-            settings = settings_of[id(group)]
-            _validate_common(settings)
-            _check_state_layout(entry, param.numel(), param.shape, settings, self._row_keys(settings))
-            gathered[key] = self._local_entry(param, group, entry)
-            counts[id(param)] = entry["tile_ids"].numel()
-        return {**state_dict, "state": gathered}, counts
+            distributed = any(is_dtensor(value) for value in entry.values())
+            if not distributed and key not in owners:
+                continue
+            local[key] = self._local_entry_of(entry, owners.get(key), settings_of, counts)
+            changed = True
+        return ({**state_dict, "state": local} if changed else state_dict), counts
+
+    def _local_entry_of(
+        self,
+        entry: dict[str, Any],
+        owner: tuple[Tensor, dict[str, Any]] | None,
+        settings_of: dict[int, dict[str, Any]],
+        counts: dict[int, int],
+    ) -> dict[str, Any]:
+        """One entry of :meth:`_local_entries`: gathered whole, then (for a sharded ``owner``
+        param) checked and cut to this rank's part; the whole state is freed on return."""
+        whole = {name: _full(entry[name]) for name in sorted(entry, key=str)}
+        if owner is None:
+            return whole
+        param, group = owner
+        settings = settings_of[id(group)]
+        _validate_common(settings)
+        _check_state_layout(whole, param.numel(), param.shape, settings, self._row_keys(settings))
+        counts[id(param)] = whole["tile_ids"].numel()
+        return self._local_entry(param, group, whole)
 
     def _local_entry(self, param: Tensor, group: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
         """The part of a single-process layout state (full tensors) this rank keeps for ``param``."""
@@ -682,7 +719,8 @@ class _DenseBlockOptimizer(Optimizer):
         lacks (``density``, ``tile_size``, ...) are kept from this optimizer's groups, settings this
         optimizer does not have (``amsgrad``, ``fused``, ...) are dropped, and its per-param state,
         which has no tiles, is dropped (the tiles are selected on the next step, their state starts
-        from zero); all with a warning."""
+        from zero); all with a warning. Under FSDP2 it is collective (module docstring, which also
+        says what resuming with ``torch.distributed.checkpoint`` after a density change needs)."""
         name = type(self).__name__
         state_dict, selected_counts = self._local_entries(state_dict)
         own = {"lr", *_COMMON_DEFAULTS, *self._extra_defaults()}

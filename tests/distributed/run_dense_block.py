@@ -3,17 +3,21 @@ single-process run computed here on a plain copy (the independent reference).
 
 ``--scenario train``: (1) the same full gradients every step (random, fresh per step; FSDP2 gets each
 rank's shard of them): after N steps with reselection, for AdamW and SGD, every selection strategy,
-bf16 and fp32, the sharded weights are bit-identical to the single-process ones, the active global
+bf16 and fp32, and group settings changed mid-run (density 0.25 -> 1.0 -> 0.25, ``dense_below``
+there and back), the sharded weights are bit-identical to the single-process ones, the active global
 tile sets are equal, each rank holds exactly the state rows of its own tiles (bit-equal to the
 reference's rows for them), its ``state_bytes`` is its share, and the full state dict equals the
 single-process state dict; (2) DDP with real backward passes on per-rank data: every rank equals a
 single-process optimizer given the reduced gradients; (3) a full state dict round trip into a fresh
-FSDP2 model and optimizer, and the single-process state dict loaded directly, both continuing
-bit-identically; a ``torch.distributed.checkpoint`` save in the middle of a run that then goes on to
-the end (the uninterrupted run, whose weights are written out); (4) a shard boundary inside a tile
+FSDP2 model and optimizer, the single-process state dict and the sharded one loaded directly (the
+latter holding at most one tensor's gathered state at a time), all continuing bit-identically; a
+``torch.distributed.checkpoint`` save in the middle of a run that then goes on to the end (the
+uninterrupted run, whose weights are written out), for AdamW and for SGD with momentum,
+``"off_principal"`` and a density changed before the save; (4) a shard boundary inside a tile
 raises the documented ``ValueError``.
-``--scenario resume``: a fresh job loads that checkpoint into a differently initialised model and a
-fresh optimizer, continues, and must end bit-identical to the uninterrupted run and to a
+``--scenario resume``: a fresh job loads each checkpoint into a differently initialised model and a
+fresh optimizer (set to the saved density first; its state-creating step at lr 0 must not
+all-gather weights), continues, and must end bit-identical to the uninterrupted run and to a
 single-process run from scratch.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +47,8 @@ from torch.distributed.tensor import distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from sparse_rl_optim import DenseBlockAdamW, DenseBlockSGD
+from sparse_rl_optim.distributed import is_dtensor
+from sparse_rl_optim.optim import dense_block
 
 TILE = 32
 STEPS = 7  # reselections after steps 3 and 6
@@ -91,10 +98,15 @@ def full_gradients(step: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def make_optimizer(params, config: dict[str, Any]):
-    kwargs = {key: value for key, value in config.items() if key not in ("cls", "dtype", "resize", "hsdp")}
+    kwargs = {key: value for key, value in config.items() if key not in ("cls", "dtype", "changes", "hsdp")}
     if config["cls"] == "adamw":
         return DenseBlockAdamW(params, lr=1e-2, weight_decay=0.01, **SETTINGS, **kwargs)
     return DenseBlockSGD(params, lr=0.05, weight_decay=0.01, **SETTINGS, **kwargs)
+
+
+def apply_changes(optimizer, config: dict[str, Any], step: int) -> None:
+    """The group settings that ``config["changes"]`` (``{step: {setting: value}}``) sets before ``step``."""
+    optimizer.param_groups[0].update(config.get("changes", {}).get(step, {}))
 
 
 def sharded_net(config: dict[str, Any], mesh, seed: int = 0) -> nn.Module:
@@ -125,15 +137,13 @@ class Reference:
         self.config = config
 
     def step(self, step: int) -> None:
-        if self.config.get("resize") and step == self.config["resize"]:
-            self.optimizer.param_groups[0]["density"] = 0.5
+        apply_changes(self.optimizer, self.config, step)
         set_plain_grads(self.params, full_gradients(step, self.config["dtype"]))
         self.optimizer.step()
 
 
 def step_sharded(model: nn.Module, optimizer, config: dict[str, Any], step: int) -> None:
-    if config.get("resize") and step == config["resize"]:
-        optimizer.param_groups[0]["density"] = 0.5
+    apply_changes(optimizer, config, step)
     set_sharded_grads(model, full_gradients(step, config["dtype"]))
     optimizer.step()
 
@@ -206,6 +216,14 @@ def compare_full_state_dict(tag: str, full: dict[str, Any], reference: Reference
                 failures.append(f"{tag}: full state dict {name}.{key} differs from the single-process state dict")
 
 
+#: Every tile active for a while, then back to density 0.25 (step 3), and again through ``dense_below``
+#: (steps 4 to 5): neither return falls on a periodic reselection, so only the changed count reselects.
+DENSE_ROUND_TRIP = {
+    2: {"density": 1.0},
+    3: {"density": 0.25},
+    4: {"dense_below": 1 << 20},
+    5: {"dense_below": SETTINGS["dense_below"]},
+}
 CONFIGS = [
     *(
         {"cls": "adamw", "select": select, "dtype": dtype}
@@ -219,13 +237,31 @@ CONFIGS = [
     ),
     {"cls": "sgd", "momentum": 0.0, "select": "grad", "dtype": torch.float32},
     {"cls": "sgd", "momentum": 0.9, "nesterov": True, "select": "grad", "dtype": torch.bfloat16, "rest": "sgd"},
-    {"cls": "adamw", "select": "grad", "dtype": torch.bfloat16, "rest": "sgd", "rest_lr": 0.05, "resize": 5},
+    {
+        "cls": "adamw",
+        "select": "grad",
+        "dtype": torch.bfloat16,
+        "rest": "sgd",
+        "rest_lr": 0.05,
+        "changes": {5: {"density": 0.5}},
+    },
+    {"cls": "adamw", "select": "grad", "dtype": torch.float32, "changes": DENSE_ROUND_TRIP},
     {"cls": "adamw", "select": "grad", "dtype": torch.bfloat16, "hsdp": True},
     {"cls": "adamw", "select": "grad", "dtype": torch.bfloat16, "rest": "sgd", "rest_lr": 0.05, "backend": "triton"},
     {"cls": "sgd", "momentum": 0.9, "select": "off_principal", "dtype": torch.float32, "hsdp": True},
 ]
-#: The run that is checkpointed (and resumed by the second job).
-SAVED = {"cls": "adamw", "select": "grad", "dtype": torch.bfloat16}
+#: The runs that are checkpointed (and resumed by the second job). The second changes its density before
+#: the save: the resume builds its optimizer with the saved density (the documented recipe).
+SAVED = [
+    {"cls": "adamw", "select": "grad", "dtype": torch.bfloat16},
+    {
+        "cls": "sgd",
+        "momentum": 0.9,
+        "select": "off_principal",
+        "dtype": torch.float32,
+        "changes": {3: {"density": 0.5}},
+    },
+]
 
 
 @contextlib.contextmanager
@@ -242,6 +278,112 @@ def no_warnings_of_ours(tag: str, failures: list[str]) -> Iterator[None]:
 
 def describe(config: dict[str, Any]) -> str:
     return ",".join(f"{k}={str(v).replace('torch.', '')}" for k, v in config.items())
+
+
+def save_and_continue(args, mesh, index: int, config: dict[str, Any], failures: list[str]) -> None:
+    """Run ``config`` to ``SAVE_AT``, save it (DCP: resumed by the second job), load its state three
+    ways into fresh optimizers here, and go on to ``STEPS`` with all of them."""
+    tag = "saved " + describe(config)
+    model = sharded_net(config, mesh)
+    optimizer = make_optimizer(list(model.parameters()), config)
+    reference = Reference(config)
+    for step in range(1, SAVE_AT + 1):
+        step_sharded(model, optimizer, config, step)
+        reference.step(step)
+    full_options = StateDictOptions(full_state_dict=True)
+    full_model = get_model_state_dict(model, options=full_options)
+    full_optim = get_optimizer_state_dict(model, optimizer, options=full_options)
+    compare_full_state_dict(tag + " at save", full_optim, reference, failures)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+        checkpoint_id=str(args.out / f"checkpoint{index}"),
+    )
+    # (a) the full state dict into a fresh FSDP2 model and optimizer (its state-creating step at lr 0
+    # included; at the initial density: unlike DCP's load, this one takes another density's state)
+    model_b = sharded_net(config, mesh, seed=7)
+    optimizer_b = make_optimizer(list(model_b.parameters()), config)
+    set_model_state_dict(model_b, full_model, options=full_options)
+    with no_warnings_of_ours(tag + " full state dict load", failures):
+        set_optimizer_state_dict(model_b, optimizer_b, full_optim, options=full_options)
+    # (b) the single-process state dict (plain tensors, ids as keys) through load_state_dict
+    model_c = sharded_net(config, mesh, seed=8)
+    set_model_state_dict(model_c, full_model, options=full_options)
+    optimizer_c = make_optimizer(list(model_c.parameters()), config)
+    with no_warnings_of_ours(tag + " single-process state dict load", failures):
+        optimizer_c.load_state_dict(reference.optimizer.state_dict())
+    # (c) the sharded state dict (DTensors, as DCP hands it over) through load_state_dict, which holds
+    # at most one tensor's full state at a time
+    model_d = sharded_net(config, mesh, seed=9)
+    set_model_state_dict(model_d, full_model, options=full_options)
+    optimizer_d = make_optimizer(list(model_d.parameters()), config)
+    sharded_optim = optimizer.state_dict()
+    with no_warnings_of_ours(tag + " sharded state dict load", failures), peak_full_state() as peak:
+        optimizer_d.load_state_dict(sharded_optim)
+    one_tensor = max(
+        sum(value.numel() * value.element_size() for value in entry.values() if is_dtensor(value))
+        for entry in sharded_optim["state"].values()
+    )
+    if not 0 < peak["bytes"] <= one_tensor:
+        failures.append(
+            f"{tag}: load_state_dict held {peak['bytes']} bytes of gathered state at once, "
+            f"more than one tensor's full state ({one_tensor} bytes)"
+        )
+    del sharded_optim
+    for step in range(SAVE_AT + 1, STEPS + 1):
+        for net, opt in ((model, optimizer), (model_b, optimizer_b), (model_c, optimizer_c), (model_d, optimizer_d)):
+            step_sharded(net, opt, config, step)
+        reference.step(step)
+    compare(tag + " uninterrupted", model, optimizer, reference, failures)
+    compare(tag + " full state dict round trip", model_b, optimizer_b, reference, failures)
+    compare(tag + " single-process state dict", model_c, optimizer_c, reference, failures)
+    compare(tag + " sharded state dict", model_d, optimizer_d, reference, failures)
+    final = {name: param.full_tensor() for name, param in model.named_parameters()}
+    if dist.get_rank() == 0:
+        torch.save(final, args.out / f"uninterrupted{index}.pt")
+
+
+@contextlib.contextmanager
+def peak_full_state() -> Iterator[dict[str, int]]:
+    """The most bytes of state that ``load_state_dict`` all-gathered (``dense_block._full``) and
+    held at the same time, in ``peak["bytes"]`` (tensors are followed until they are freed)."""
+    original = dense_block._full
+    live, peak = [0], {"bytes": 0}
+
+    def release(size: int) -> None:
+        live[0] -= size
+
+    def tracked(value: Any) -> Any:
+        out = original(value)
+        if is_dtensor(value):
+            size = out.numel() * out.element_size()
+            live[0] += size
+            peak["bytes"] = max(peak["bytes"], live[0])
+            weakref.finalize(out, release, size)
+        return out
+
+    dense_block._full = tracked
+    try:
+        yield peak
+    finally:
+        dense_block._full = original
+
+
+@contextlib.contextmanager
+def counting_weight_gathers(params: list[torch.Tensor]) -> Iterator[list[int]]:
+    """How often the full tensor of one of ``params`` is all-gathered, in ``count[0]``."""
+    from torch.distributed.tensor import DTensor
+
+    original, watched, count = DTensor.full_tensor, {id(param) for param in params}, [0]
+
+    def full_tensor(self, *args, **kwargs):
+        count[0] += id(self) in watched
+        return original(self, *args, **kwargs)
+
+    DTensor.full_tensor = full_tensor
+    try:
+        yield count
+    finally:
+        DTensor.full_tensor = original
 
 
 def train(args, mesh, failures: list[str]) -> dict[str, Any]:
@@ -290,45 +432,9 @@ def train(args, mesh, failures: list[str]) -> dict[str, Any]:
             if ids.tolist() != reference.optimizer.active_tiles()[reference.params[name]].tolist():
                 failures.append(f"{tag}: active tiles of {name} differ")
 
-    # Full state dict round trip, the single-process state dict loaded directly, DCP save mid-run.
-    config = SAVED
-    tag = "saved " + describe(config)
-    model = sharded_net(config, mesh)
-    optimizer = make_optimizer(list(model.parameters()), config)
-    reference = Reference(config)
-    for step in range(1, SAVE_AT + 1):
-        step_sharded(model, optimizer, config, step)
-        reference.step(step)
-    full_options = StateDictOptions(full_state_dict=True)
-    full_model = get_model_state_dict(model, options=full_options)
-    full_optim = get_optimizer_state_dict(model, optimizer, options=full_options)
-    compare_full_state_dict(tag + " at save", full_optim, reference, failures)
-    dcp.save(
-        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-        checkpoint_id=str(args.out / "checkpoint"),
-    )
-    # (a) the full state dict into a fresh FSDP2 model and optimizer (its state-creating step at lr 0 included)
-    model_b = sharded_net(config, mesh, seed=7)
-    optimizer_b = make_optimizer(list(model_b.parameters()), config)
-    set_model_state_dict(model_b, full_model, options=full_options)
-    with no_warnings_of_ours(tag + " full state dict load", failures):
-        set_optimizer_state_dict(model_b, optimizer_b, full_optim, options=full_options)
-    # (b) the single-process state dict (plain tensors, ids as keys) through load_state_dict
-    model_c = sharded_net(config, mesh, seed=8)
-    set_model_state_dict(model_c, full_model, options=full_options)
-    optimizer_c = make_optimizer(list(model_c.parameters()), config)
-    with no_warnings_of_ours(tag + " single-process state dict load", failures):
-        optimizer_c.load_state_dict(reference.optimizer.state_dict())
-    for step in range(SAVE_AT + 1, STEPS + 1):
-        for net, opt in ((model, optimizer), (model_b, optimizer_b), (model_c, optimizer_c)):
-            step_sharded(net, opt, config, step)
-        reference.step(step)
-    compare(tag + " uninterrupted", model, optimizer, reference, failures)
-    compare(tag + " full state dict round trip", model_b, optimizer_b, reference, failures)
-    compare(tag + " single-process state dict", model_c, optimizer_c, reference, failures)
-    final = {name: param.full_tensor() for name, param in model.named_parameters()}
-    if dist.get_rank() == 0:
-        torch.save(final, args.out / "uninterrupted.pt")
+    # Full state dict round trip, the single-process and the sharded state dict loaded directly, DCP save mid-run.
+    for index, config in enumerate(SAVED):
+        save_and_continue(args, mesh, index, config, failures)
 
     # A blocked tensor whose shard boundary falls inside a tile.
     misaligned = fully_shard(nn.Linear(48, 4, bias=False), mesh=mesh)  # rows 2 + 2: boundary at element 96
@@ -344,30 +450,43 @@ def train(args, mesh, failures: list[str]) -> dict[str, Any]:
 
 
 def resume(args, mesh, failures: list[str]) -> dict[str, Any]:
-    config = SAVED
-    tag = "resumed " + describe(config)
-    model = sharded_net(config, mesh, seed=3)  # other weights: the load must bring them
-    optimizer = make_optimizer(list(model.parameters()), config)
-    model_state = get_model_state_dict(model)
-    with no_warnings_of_ours(tag + " load", failures):
-        optim_state = get_optimizer_state_dict(model, optimizer)  # creates the state (a step at lr 0)
-        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(args.out / "checkpoint"))
-        set_model_state_dict(model, model_state)
-        set_optimizer_state_dict(model, optimizer, optim_state)
-    reference = Reference(config)
-    for step in range(1, SAVE_AT + 1):
-        reference.step(step)
-    for step in range(SAVE_AT + 1, STEPS + 1):
-        step_sharded(model, optimizer, config, step)
-        reference.step(step)
-    compare(tag, model, optimizer, reference, failures)
-    uninterrupted = torch.load(args.out / "uninterrupted.pt")
-    for name, param in model.named_parameters():
-        if not same_bits(param.full_tensor(), uninterrupted[name]):
-            failures.append(f"{tag}: weights of {name} differ from the uninterrupted run of the first job")
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-    compare_full_state_dict(tag, full, reference, failures)
-    return {"compared_with_uninterrupted": sorted(uninterrupted)}
+    resumed = {}
+    for index, config in enumerate(SAVED):
+        tag = "resumed " + describe(config)
+        checkpoint = str(args.out / f"checkpoint{index}")
+        model = sharded_net(config, mesh, seed=3)  # other weights: the load must bring them
+        optimizer = make_optimizer(list(model.parameters()), config)
+        # DCP loads into the shapes of the state created here, which follow the density (without this,
+        # "Size mismatch between saved torch.Size([16]) and current: torch.Size([8]) for optim.state.a.tile_ids"):
+        # the saved settings first, the recipe of the module docstring.
+        saved = {"optim": {"param_groups": [{"density": 0.0, "dense_below": 0} for _ in optimizer.param_groups]}}
+        dcp.load(saved, checkpoint_id=checkpoint)
+        for group, saved_group in zip(optimizer.param_groups, saved["optim"]["param_groups"], strict=True):
+            group.update(saved_group)
+        model_state = get_model_state_dict(model)
+        with no_warnings_of_ours(tag + " load", failures):
+            with counting_weight_gathers(list(model.parameters())) as gathers:
+                optim_state = get_optimizer_state_dict(model, optimizer)  # creates the state (a step at lr 0)
+            dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint)
+            set_model_state_dict(model, model_state)
+            set_optimizer_state_dict(model, optimizer, optim_state)
+        if gathers[0]:
+            failures.append(f"{tag}: the state-creating step at lr 0 all-gathered {gathers[0]} weights")
+        reference = Reference(config)
+        for step in range(1, SAVE_AT + 1):
+            reference.step(step)
+        for step in range(SAVE_AT + 1, STEPS + 1):
+            step_sharded(model, optimizer, config, step)
+            reference.step(step)
+        compare(tag, model, optimizer, reference, failures)
+        uninterrupted = torch.load(args.out / f"uninterrupted{index}.pt")
+        for name, param in model.named_parameters():
+            if not same_bits(param.full_tensor(), uninterrupted[name]):
+                failures.append(f"{tag}: weights of {name} differ from the uninterrupted run of the first job")
+        full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+        compare_full_state_dict(tag, full, reference, failures)
+        resumed[tag] = sorted(uninterrupted)
+    return {"compared_with_uninterrupted": resumed}
 
 
 def main() -> None:
