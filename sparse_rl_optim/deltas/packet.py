@@ -125,6 +125,14 @@ def _named_tensors(target: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor
     return dict(target)
 
 
+def check_sender_options(encoding: str, anchor_every: int | None) -> None:
+    """Raise ``ValueError`` for an unknown encoding or an ``anchor_every`` below 1 (any sender)."""
+    if encoding not in (*ENCODINGS, "auto"):
+        raise ValueError(f"Unknown encoding {encoding!r}; expected one of {(*ENCODINGS, 'auto')}")
+    if anchor_every is not None and anchor_every < 1:
+        raise ValueError(f"anchor_every must be >= 1 or None, got {anchor_every}")
+
+
 class DeltaSender:
     """Makes packets from named tensors (a model's parameters, or a dict of tensors that the caller
     keeps updating in place) against a copy of what was last shipped.
@@ -143,10 +151,7 @@ class DeltaSender:
         anchor_every: int | None = 100,
         snapshot_device: str | torch.device | None = None,
     ) -> None:
-        if encoding not in (*ENCODINGS, "auto"):
-            raise ValueError(f"Unknown encoding {encoding!r}; expected one of {(*ENCODINGS, 'auto')}")
-        if anchor_every is not None and anchor_every < 1:
-            raise ValueError(f"anchor_every must be >= 1 or None, got {anchor_every}")
+        check_sender_options(encoding, anchor_every)
         self.tensors = _named_tensors(tensors if isinstance(tensors, (nn.Module, Mapping)) else dict(tensors))
         for name, tensor in self.tensors.items():
             _bits_dtype(tensor.dtype)  # a clear error for a dtype whose bits cannot be moved

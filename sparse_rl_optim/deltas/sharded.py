@@ -81,7 +81,14 @@ from sparse_rl_optim.deltas.encoding import (
     shape_checksum_term,
     tile_values,
 )
-from sparse_rl_optim.deltas.packet import DeltaPacket, PacketError, _full_crc, _named_tensors, _payload_crc
+from sparse_rl_optim.deltas.packet import (
+    DeltaPacket,
+    PacketError,
+    _full_crc,
+    _named_tensors,
+    _payload_crc,
+    check_sender_options,
+)
 from sparse_rl_optim.distributed import (
     ShardSpan,
     all_reduce_sum,
@@ -243,10 +250,7 @@ class ShardedDeltaSender:
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        if encoding not in (*ENCODINGS, "auto"):
-            raise ValueError(f"Unknown encoding {encoding!r}; expected one of {(*ENCODINGS, 'auto')}")
-        if anchor_every is not None and anchor_every < 1:
-            raise ValueError(f"anchor_every must be >= 1 or None, got {anchor_every}")
+        check_sender_options(encoding, anchor_every)
         initialized = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
