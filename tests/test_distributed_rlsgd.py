@@ -101,7 +101,7 @@ def test_rlsgd_under_fsdp2_and_ddp_equals_single_process_and_resumes_from_dcp(tm
     assert set(train["explicit"]) == {"nearest", "stochastic_momentum", "stochastic_reference", "triton_stochastic"}
     assert all(entry["changed_elements"] > 0 for entry in train["explicit"].values())
     for label, entry in train["real"].items():
-        limit = 1e-4 if label.endswith("float32") else 0.05
+        limit = 1e-4 if label.endswith("float32") else 0.1
         assert 0 < entry["moved_by_training"] and entry["relative"] <= limit, (label, entry)
     run_torchrun("run_rlsgd.py", tmp_path, "--scenario", "resume")
     assert json.loads((tmp_path / "rlsgd_resume.json").read_text()) == {"resumed_equal": True}

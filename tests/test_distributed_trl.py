@@ -89,10 +89,8 @@ def test_fsdp2_grpo_with_optimizer_class_and_kwargs(fsdp2_out, scenario):
 
 
 def test_fsdp2_grpo_dense_block_adamw(fsdp2_out):
-    """DenseBlockAdamW over FSDP2's DTensor shards (skipped if it refuses them)."""
+    """DenseBlockAdamW over FSDP2's DTensor shards, every tensor blocked."""
     run = result(fsdp2_out, "fsdp2", "dense_block")
-    if "unsupported" in run:
-        pytest.skip(f"DenseBlockAdamW under FSDP2: {run['unsupported']}")
     assert run["param_types"] == ["DTensor"]
     assert run["local_elements_rank0"] < run["elements"]
     assert_trained_and_equal(run, "DenseBlockAdamW")
@@ -108,8 +106,6 @@ def test_fsdp2_and_ddp_train_the_same_weights(ddp_out, fsdp2_out):
         assert torch.equal(ddp[name].view(torch.int16), fsdp2[name].view(torch.int16)), name
 
     for scenario in ("rlsgd", "dense_block"):
-        if "unsupported" in result(fsdp2_out, "fsdp2", scenario):
-            continue
         ddp, fsdp2 = final_weights(ddp_out, "ddp", scenario), final_weights(fsdp2_out, "fsdp2", scenario)
         total = sum(t.numel() for t in ddp.values())
         differing = sum(int((ddp[n].view(torch.int16) != fsdp2[n].view(torch.int16)).sum()) for n in ddp)

@@ -326,6 +326,38 @@ def test_stochastic_rounding_lands_on_a_neighbour():
     assert not np.array_equal(rtne_fp32_to_bf16_bits(exact), bf16_bits(param.detach()))
 
 
+def test_one_seed_per_step_whatever_the_groups_and_their_gradients():
+    """A step draws one seed from torch's generator when some group rounds stochastically (so every
+    rank of a distributed job draws, and broadcasts, alike): not one per group, and also when a
+    group has no gradient. Group 0 rounds with that seed (as the functional form given it); the
+    other groups with different ones."""
+    generator = torch.Generator().manual_seed(3)
+    weights = [random_bf16((16, 16), 1.0, generator) for _ in range(2)]
+    grads = [random_bf16((16, 16), 0.003, generator) for _ in range(2)]
+    params = [make_param(w, g) for w, g in zip(weights, grads, strict=True)]
+    idle = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))  # never gets a gradient
+    optimizer = RLSGD(
+        [{"params": [params[0]]}, {"params": [params[1]]}, {"params": [idle]}], lr=0.1, rounding="stochastic"
+    )
+
+    torch.manual_seed(0)
+    first_draw, second_draw = torch.randint(0, 2**31, (2,)).tolist()
+    torch.manual_seed(0)
+    torch.randint(0, 2**31, (1,))  # what a step consumes
+    expected_next = torch.randint(0, 2**31, (1,)).item()
+    torch.manual_seed(0)
+    optimizer.step()
+    assert torch.randint(0, 2**31, (1,)).item() == expected_next
+    assert first_draw != second_draw
+
+    # Group 0 used the drawn seed; group 1, fed the same values, rounded differently.
+    by_hand = [w.clone() for w in weights]
+    rlsgd([by_hand[0]], [grads[0]], [None], lr=0.1, rounding="stochastic", step_seed=first_draw)
+    assert torch.equal(params[0].detach(), by_hand[0])
+    rlsgd([by_hand[1]], [grads[1]], [None], lr=0.1, rounding="stochastic", step_seed=first_draw)
+    assert not torch.equal(params[1].detach(), by_hand[1])
+
+
 # --- state -------------------------------------------------------------------------------------
 
 

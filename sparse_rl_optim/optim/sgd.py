@@ -102,10 +102,13 @@ class RLSGD(Optimizer):
     half an ulp survive in expectation). Its random bits come from a counter-based hash of (a per-step
     seed drawn from torch's default generator, the tensor's index, the element's index), so
     ``torch.manual_seed`` reproduces a run and every execution path draws the same bits. fp32/fp64
-    params always round to nearest (there is no coarser grid to round to). With several processes
-    (``torch.distributed``) the step seed is global rank 0's, broadcast at each stochastic step (one
-    int64; every rank must call ``step()``, as data-parallel training does), and the element index
-    is global, so DDP replicas stay identical and FSDP2 shards get the bits one process would.
+    params always round to nearest (there is no coarser grid to round to). One seed is drawn per
+    step (later param groups use a hash of it and their index). With several processes
+    (``torch.distributed``) the seed is global rank 0's, broadcast in each step where some param
+    group rounds stochastically at a non-zero lr (one int64): every rank of the default group must
+    then step an RLSGD configured alike, as data-parallel training does (an RLSGD stepped on some
+    ranks only would wait for the others; use ``rounding="nearest"`` there). The element index is
+    global, so DDP replicas stay identical and FSDP2 shards get the bits one process would.
 
     Many processes: under DDP nothing changes; under FSDP2 each rank steps its local shards
     (``DTensor`` params sharded on dim 0, no all-gather) and momentum buffers are ``DTensor`` s
@@ -257,7 +260,8 @@ class RLSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.gate_stats = {}
-        for group in self.param_groups:
+        step_seeds = _step_seeds(self.param_groups)
+        for group, step_seed in zip(self.param_groups, step_seeds, strict=True):
             # FSDP2 parameters (DTensors) are stepped on their local shards, with the global index of
             # each shard's first element (stochastic rounding draws its random bits by global index).
             owners, params, grads, momentum_buffers, offsets = [], [], [], [], []
@@ -300,6 +304,7 @@ class RLSGD(Optimizer):
                 collect_gate_stats=self.gate_stats_enabled,
                 record_changes=self.gate_changes_enabled,
                 element_offsets=offsets if any(offsets) else None,
+                step_seed=step_seed,
             )
             if group["momentum"] != 0:
                 for param, buffer in zip(owners, momentum_buffers, strict=True):
@@ -425,6 +430,7 @@ def rlsgd(
     collect_gate_stats: bool = False,
     record_changes: bool = False,
     element_offsets: list[int] | None = None,
+    step_seed: int | None = None,
 ) -> list[GateStats] | None:
     """Functional RLSGD (see :class:`RLSGD` for the formula). Updates ``params`` in place; new
     momentum buffers are written into ``momentum_buffers``. Returns per-param :class:`GateStats`
@@ -439,6 +445,9 @@ def rlsgd(
     ``element_offsets``: for tensors that are shards of larger ones (FSDP2), the flat index of each
     tensor's first element in its full tensor, so stochastic rounding draws the random bits the
     full tensor would get there (a sharded run then equals a single-process one bit for bit).
+
+    ``step_seed``: stochastic rounding's seed for this call; by default one is drawn from torch's
+    default generator (with several processes, rank 0's, broadcast: a collective).
     """
     if fused and foreach:
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
@@ -455,7 +464,10 @@ def rlsgd(
     # each tensor's random bits derive from it and the element index, whatever path computes them.
     # At lr 0 every result is a representable value that rounding returns unchanged: no draw, so a
     # dummy step (torch.distributed.checkpoint makes one) leaves the random stream alone.
-    step_seed = _draw_step_seed() if rounding == "stochastic" and float(lr) != 0.0 else 0
+    if rounding != "stochastic" or float(lr) == 0.0:
+        step_seed = 0
+    elif step_seed is None:
+        step_seed = _draw_step_seed()
     # The same keyword arguments for every implementation (as in torch/optim/sgd.py's dispatch).
     options: dict[str, Any] = dict(
         lr=float(lr),
@@ -481,6 +493,21 @@ def rlsgd(
         return _compiled_rlsgd(params, grads, momentum_buffers, **options)
     fn = _multi_tensor_rlsgd if foreach else _single_tensor_rlsgd
     return fn(params, grads, momentum_buffers, **options)
+
+
+def _step_seeds(param_groups: list[dict[str, Any]]) -> list[int]:
+    """One stochastic-rounding seed per param group for an optimizer step: one draw from torch's
+    default generator per step (when any group rounds stochastically at a non-zero lr; a group's own
+    lr and rounding decide, not which params have gradients, so every rank draws alike), group 0
+    gets it as is, later groups a hash of it and their index."""
+    stochastic = [group["rounding"] == "stochastic" and float(group["lr"]) != 0.0 for group in param_groups]
+    if not any(stochastic):
+        return [0] * len(param_groups)
+    base = _draw_step_seed()
+    return [
+        (base if index == 0 else ((base * 0x2C1B3C6D) ^ (index * 0x7FEB352D)) & 0x7FFFFFFF) if uses else 0
+        for index, uses in enumerate(stochastic)
+    ]
 
 
 @torch._dynamo.disable
