@@ -20,6 +20,7 @@ others raise a ``NotImplementedError`` that names them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,9 @@ __all__ = [
     "counts_here",
     "is_distributed",
     "is_dtensor",
+    "is_main_rank",
     "is_sharded",
+    "local_parts",
     "local_tensor",
     "merge_shards_",
     "shard_like",
@@ -63,6 +66,12 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_main_rank() -> bool:
+    """Global rank 0 of a multi-rank run, or a single process: where replicated figures count once
+    and where warnings and logs are written."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
 def local_tensor(tensor: Tensor) -> Tensor:
     """The elements this rank holds: a ``DTensor``'s local shard (same storage, no copy, no
     communication), any other tensor itself."""
@@ -70,6 +79,27 @@ def local_tensor(tensor: Tensor) -> Tensor:
         with torch.no_grad():
             return tensor.to_local()
     return tensor
+
+
+def local_parts(param: Tensor, owner: str) -> tuple[Tensor, Tensor]:
+    """``(param, param.grad)`` as this rank holds them (:func:`local_tensor`), for an optimizer
+    (``owner``, named in errors) to step. A ``DTensor`` param needs a ``DTensor`` grad laid out the
+    same way (what FSDP2 leaves after its reduce-scatter); anything else would step one shard with
+    another part's gradient, so it raises."""
+    grad = param.grad
+    if is_dtensor(param) != is_dtensor(grad):
+        kinds = {True: "a DTensor", False: "a plain tensor"}
+        raise RuntimeError(
+            f"{owner}: a parameter of shape {tuple(param.shape)} is {kinds[is_dtensor(param)]} but its gradient is "
+            f"{kinds[is_dtensor(grad)]}; set gradients laid out like their parameters (e.g. distribute_tensor)."
+        )
+    if is_dtensor(param) and (param.placements != grad.placements or param.device_mesh != grad.device_mesh):
+        raise RuntimeError(
+            f"{owner}: the gradient of a DTensor parameter of shape {tuple(param.shape)} has placements "
+            f"{tuple(grad.placements)} on {grad.device_mesh}; its parameter has {tuple(param.placements)} on "
+            f"{param.device_mesh}. Reduce it first (FSDP2 does, in backward)."
+        )
+    return local_tensor(param), local_tensor(grad)
 
 
 def wrap_like(local: Tensor, like: Tensor) -> Tensor:
@@ -95,10 +125,7 @@ def shard_like(value: Tensor, like: Tensor) -> Tensor:
         raise ValueError(
             f"cannot shard a tensor of shape {tuple(value.shape)} like a parameter of shape {tuple(like.shape)}"
         )
-    span = shard_span(like)
-    local_shape = local_tensor(like).shape
-    local = value.reshape(-1)[span.start : span.stop].reshape(local_shape)
-    return wrap_like(local.clone(memory_format=torch.contiguous_format), like)
+    return split_rows_like(value, like)  # the rows of dim 0 that like's shard holds
 
 
 @dataclass(frozen=True)
@@ -158,7 +185,7 @@ def counts_here(tensor: Tensor) -> bool:
     shard counts once, whichever dim it is sharded on); any other tensor, being a replica (DDP), on
     global rank 0 only."""
     if not is_dtensor(tensor):
-        return not is_distributed() or dist.get_rank() == 0
+        return is_main_rank()
     from torch.distributed.tensor import Replicate, Shard
 
     if any(not isinstance(placement, (Replicate, Shard)) for placement in tensor.placements):
@@ -174,31 +201,32 @@ def counts_here(tensor: Tensor) -> bool:
     )
 
 
+def _in_place(collective: Callable[[Tensor], object], tensor: Tensor, group: object = None) -> Tensor:
+    """Run the in-place ``collective`` on ``tensor``; under NCCL (which takes CUDA tensors only) a
+    CPU tensor goes through the current CUDA device and back."""
+    if dist.get_backend(group) == "nccl" and tensor.device.type == "cpu":
+        on_device = tensor.to(f"cuda:{torch.cuda.current_device()}")
+        collective(on_device)
+        tensor.copy_(on_device)
+    else:
+        collective(tensor)
+    return tensor
+
+
 def broadcast_int(value: int, src: int = 0) -> int:
     """``value`` as global rank ``src`` has it, on every rank of the default process group (``value``
     itself with one process). A collective: every rank must call it, in the same order."""
     if not is_distributed():
         return value
     shared = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        shared = shared.to(f"cuda:{torch.cuda.current_device()}")
-    dist.broadcast(shared, src=src)
-    return int(shared.item())
+    return int(_in_place(lambda tensor: dist.broadcast(tensor, src=src), shared).item())
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` in place over the default process group (nothing to do with one process).
-
-    Under the NCCL backend a CPU tensor goes through the current CUDA device and back."""
+    """Sum ``tensor`` in place over the default process group (nothing to do with one process)."""
     if not is_distributed():
         return tensor
-    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
-        on_device = tensor.to(f"cuda:{torch.cuda.current_device()}")
-        dist.all_reduce(on_device)
-        tensor.copy_(on_device)
-        return tensor
-    dist.all_reduce(tensor)
-    return tensor
+    return _in_place(dist.all_reduce, tensor)
 
 
 # -- geometry of every rank, exact merges and row-sharded state (the dense-block optimizers) -------
@@ -263,12 +291,7 @@ def merge_shards_(values: Tensor, like: Tensor) -> Tensor:
         if type(placement) is not Shard or mesh.size(dim) == 1:
             continue
         group = mesh.get_group(dim)
-        if dist.get_backend(group) == "nccl" and bits.device.type == "cpu":
-            on_device = bits.to(f"cuda:{torch.cuda.current_device()}")
-            dist.all_reduce(on_device, group=group)
-            bits.copy_(on_device)
-        else:
-            dist.all_reduce(bits, group=group)
+        _in_place(lambda tensor, group=group: dist.all_reduce(tensor, group=group), bits, group)
     return values
 
 

@@ -78,6 +78,7 @@ from sparse_rl_optim._warnings import warn
 from sparse_rl_optim.distributed import (
     is_dtensor,
     is_sharded,
+    local_parts,
     local_tensor,
     merge_shards_,
     shard_span,
@@ -163,6 +164,13 @@ class _Layout:
     @property
     def global_tiles(self) -> int:
         return num_tiles(self.global_numel, self.tile_size)
+
+    def merge_per_tile(self, local_values: Tensor, param: Tensor) -> Tensor:
+        """Per-tile values of this rank's tiles, merged over the ranks into the tensor's full
+        per-tile vector (collective; exact, see :func:`~sparse_rl_optim.distributed.merge_shards_`)."""
+        whole = torch.zeros(self.global_tiles, dtype=local_values.dtype, device=local_values.device)
+        whole[self.first_tile : self.first_tile + local_values.numel()] = local_values
+        return merge_shards_(whole, param)
 
     def own(self, global_ids: Tensor) -> Tensor:
         """The local ids of the given global tiles that this rank holds (aligned layouts)."""
@@ -331,9 +339,7 @@ class _DenseBlockOptimizer(Optimizer):
         strategy = group["select"]
         every = group["reselect_every"]
         if layout.sharded and energy is not None:
-            whole = torch.zeros(layout.global_tiles, dtype=energy.dtype, device=energy.device)
-            whole[layout.first_tile : layout.first_tile + energy.numel()] = energy
-            energy = merge_shards_(whole, param)
+            energy = layout.merge_per_tile(energy, param)
         if energy is not None and float(group["lr"]) == 0.0 and not bool((energy > 0).any()):
             # No gradient at lr 0: the state-creating step of torch.distributed.checkpoint's
             # get/set_optimizer_state_dict (zero grads, lr=0), whose state a load overwrites.
@@ -468,9 +474,10 @@ class _DenseBlockOptimizer(Optimizer):
                     raise RuntimeError(
                         f"gradient of shape {tuple(param.grad.shape)} for a parameter of shape {tuple(param.shape)}"
                     )
+                local_param, local_grad = local_parts(param, type(self).__name__)
                 params.append(param)  # the key of its state
-                local_params.append(local_tensor(param))  # what this rank holds and steps (FSDP2: its shard)
-                grads.append(local_tensor(param.grad))
+                local_params.append(local_param)  # what this rank holds and steps (FSDP2: its shard)
+                grads.append(local_grad)
             if not params:
                 continue
             self._prepare_tiles(group, params, local_params, grads)
@@ -601,10 +608,7 @@ class _DenseBlockOptimizer(Optimizer):
                     whole[slots] = value
                     out[key] = merge_shards_(whole, param)
             if "grad_energy" in entry:
-                energy = entry["grad_energy"]
-                whole = torch.zeros(layout.global_tiles, dtype=energy.dtype, device=energy.device)
-                whole[layout.first_tile : layout.first_tile + energy.numel()] = energy
-                out["grad_energy"] = merge_shards_(whole, param)
+                out["grad_energy"] = layout.merge_per_tile(entry["grad_energy"], param)
         else:
             # A densely handled tensor (every tile of this rank's part active) cut between tiles:
             # its state moves element by element.

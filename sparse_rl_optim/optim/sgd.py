@@ -27,7 +27,15 @@ from sparse_rl_optim.bf16 import (
     stochastic_round,
     stochastic_seed,
 )
-from sparse_rl_optim.distributed import broadcast_int, is_dtensor, local_tensor, shard_like, shard_span, wrap_like
+from sparse_rl_optim.distributed import (
+    broadcast_int,
+    is_dtensor,
+    local_parts,
+    local_tensor,
+    shard_like,
+    shard_span,
+    wrap_like,
+)
 from sparse_rl_optim.optim._state_dict import load_state_dict_keeping_dtypes
 from sparse_rl_optim.optim.memory import optimizer_state_bytes
 
@@ -273,13 +281,13 @@ class RLSGD(Optimizer):
                         "RLSGD does not support sparse gradients; use dense gradients "
                         "(e.g. nn.Embedding(sparse=False))."
                     )
-                _check_grad_layout(param)
+                local_param, local_grad = local_parts(param, "RLSGD")
                 # An entry (even an empty one) marks the param as stepped: torch.distributed.checkpoint
                 # runs a dummy step (zero grads, lr 0) on optimizers whose `state` is empty.
                 state = self.state[param]
                 owners.append(param)
-                params.append(local_tensor(param))
-                grads.append(local_tensor(param.grad))
+                params.append(local_param)
+                grads.append(local_grad)
                 # Only stochastic rounding reads the element index (so only it needs a Shard(0) layout).
                 sharded_stream = is_dtensor(param) and group["rounding"] == "stochastic"
                 offsets.append(shard_span(param).start if sharded_stream else 0)
@@ -332,24 +340,6 @@ class RLSGD(Optimizer):
             if resolve_backend(group["backend"], group["params"]) == "triton"
             for param in group["params"]
         }
-
-
-def _check_grad_layout(param: Tensor) -> None:
-    """A DTensor param needs a DTensor grad laid out the same way (what FSDP2 leaves after its
-    reduce-scatter); anything else would step one shard with another's gradient."""
-    grad = param.grad
-    if is_dtensor(param) != is_dtensor(grad):
-        kinds = {True: "a DTensor", False: "a plain tensor"}
-        raise RuntimeError(
-            f"RLSGD: a parameter of shape {tuple(param.shape)} is {kinds[is_dtensor(param)]} but its gradient is "
-            f"{kinds[is_dtensor(grad)]}; set gradients laid out like their parameters (e.g. distribute_tensor)."
-        )
-    if is_dtensor(param) and (param.placements != grad.placements or param.device_mesh != grad.device_mesh):
-        raise RuntimeError(
-            f"RLSGD: the gradient of a DTensor parameter of shape {tuple(param.shape)} has placements "
-            f"{tuple(grad.placements)} on {grad.device_mesh}; its parameter has {tuple(param.placements)} on "
-            f"{param.device_mesh}. Reduce it first (FSDP2 does, in backward)."
-        )
 
 
 def _validate_hyperparameters(

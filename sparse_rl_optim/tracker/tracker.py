@@ -13,7 +13,15 @@ from torch.optim import Optimizer
 
 from sparse_rl_optim._warnings import warn
 from sparse_rl_optim.bf16 import bits_view_dtype, gate_view_bits
-from sparse_rl_optim.distributed import all_reduce_sum, counts_here, is_distributed, is_dtensor, local_tensor, wrap_like
+from sparse_rl_optim.distributed import (
+    all_reduce_sum,
+    counts_here,
+    is_distributed,
+    is_dtensor,
+    is_main_rank,
+    local_tensor,
+    wrap_like,
+)
 from sparse_rl_optim.tracker.module_kinds import MODULE_KINDS, layer_index, module_kind
 from sparse_rl_optim.tracker.reference import SparseReference
 
@@ -43,11 +51,6 @@ def _checksum(bits: Tensor) -> Tensor:
 # ranks); the last is a flag (OR over ranks: a sum that is > 0).
 _CHANGED, _CUMULATIVE, _SINCE_SYNC, _NONFINITE, _INTENDED, _SWALLOWED, _MOVED = range(7)
 _COUNT_COLUMNS = _MOVED
-
-
-def _is_main_rank() -> bool:
-    """Rank 0 of a multi-rank run, or a single process: the one that warns and streams records."""
-    return not is_distributed() or torch.distributed.get_rank() == 0
 
 
 def _name_list(names: list[str], shown: int = 5) -> str:
@@ -349,7 +352,7 @@ class PrecisionGateTracker:
             sum(row[_SWALLOWED] for row in table) if has_gate_stats else None,
         )
         record["changed_outside_step"] = moved_outside
-        main_rank = _is_main_rank()
+        main_rank = is_main_rank()  # the one that warns and streams records
         if moved_outside and main_rank:
             warn(
                 f"step {self._step}: {len(moved_outside)} tensors changed outside optimizer.step() since the "

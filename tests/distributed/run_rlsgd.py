@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from sparse_rl_optim import RLSGD
+from sparse_rl_optim import RLSGD, DenseBlockAdamW
 
 STEPS = 6
 SAVE_AT = 3
@@ -174,16 +174,17 @@ def explicit_gradients(mesh) -> dict:
     assert torch.equal(mine, theirs), "replicas stepped with different seeds"
 
     # A gradient laid out unlike its DTensor parameter is refused, not stepped against the wrong shard.
+    # The same check serves the dense-block optimizers.
     model = shard(make_model(0), mesh)
-    optimizer = RLSGD(model.parameters(), lr=0.1)
-    param = next(model.parameters())
-    param.grad = torch.ones(param.shape, dtype=param.dtype)
-    try:
-        optimizer.step()
-    except RuntimeError as error:
-        assert "DTensor" in str(error), error
-    else:
-        raise AssertionError("a plain gradient on a DTensor parameter was stepped")
+    for optimizer in (RLSGD(model.parameters(), lr=0.1), DenseBlockAdamW(model.parameters(), lr=1e-3)):
+        param = next(model.parameters())
+        param.grad = torch.ones(param.shape, dtype=param.dtype)
+        try:
+            optimizer.step()
+        except RuntimeError as error:
+            assert "DTensor" in str(error) and type(optimizer).__name__ in str(error), error
+        else:
+            raise AssertionError(f"{type(optimizer).__name__} stepped a plain gradient on a DTensor parameter")
     return results
 
 
