@@ -277,7 +277,7 @@ def run_optimizer(name: str, steps: int, window: int, workdir: Path) -> dict[str
                 "params",
                 "mean_changed_fraction",
                 "cumulative_changed_fraction",
-                "swallowed_of_intended",
+                "swallowed_of_updates",
                 "mean_reward_first_quarter",
                 "mean_reward_last_quarter",
                 "greedy_accuracy_before",

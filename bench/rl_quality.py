@@ -1,259 +1,254 @@
-"""RL quality on CPU: GRPO with AdamW, RLSGD and DenseBlockAdamW, a small lr sweep, several seeds.
+"""Does RLSGD match AdamW here? GRPO on the demo task with five optimizers, an lr sweep, several seeds.
 
-    python bench/rl_quality.py [--steps 100] [--seeds 0,1,2] [--optimizers rlsgd,adamw,dense-block-adamw]
-                               [--quick] [--out-dir bench/results/rl_quality]
+    python bench/rl_quality.py [--seeds 0,1,2,3,4] [--steps 150] [--arms adamw,rlsgd-nearest,...]
+                               [--workers 2] [--quick] [--out-dir bench/results/rl_quality]
 
-Every run is the demo (``python -m sparse_rl_optim.demo``): a 2-layer, 128-wide Llama warm-started by
-a short supervised run on ``a+b=`` (a, b < 50), then GRPO with bf16 weights and an exact-match reward.
-The warm start depends only on the seed, so all optimizers and lrs of a seed start RL from the same
-weights. Records per run greedy exact-match accuracy on 256 held-out prompts before and after RL, the
-per-step mean sampled reward (the reward function is wrapped to record it; the demo is unchanged),
-the per-step changed fraction of the bf16 weights, and the optimizer state bytes; writes
-``rl_quality.json`` (all runs), ``rl_quality.md`` (mean ± std over seeds, min-max) and ``rl_quality.png``.
-``--quick`` (for the test): 1 seed, 1 lr per optimizer, 5 steps, 20 warm-start steps, hidden size 32.
+Every run is the demo (``sparse-rl-optim-demo``; task and setup in ``docs/rl_task.md``) from the warm
+start of its seed, shared by every optimizer and lr. Per run: held-out accuracy before and after RL
+(greedy, and sampled at the training temperature), the sampled reward per step, the fraction of bf16
+weights changed per step and over the run, and the optimizer state bytes. Per optimizer the best lr is
+the one with the highest training reward over the last quarter (the held-out figures are not used to
+choose); for it, the gain's mean, std and 95% t interval over seeds, and a verdict: is the gain
+distinguishable from 0 (at least 3 standard errors), and is it within AdamW's 95% interval (with the
+paired difference to AdamW, seed by seed). Writes ``rl_quality.json``, ``rl_quality.md`` and
+``rl_quality.png``. ``--quick`` (for the tests): 2 seeds, one lr each, 4 steps of 4 prompts, tiny model.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import io
 import json
-import os
-import platform
+import math
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-OPTIMIZERS = ("rlsgd", "adamw", "dense-block-adamw")
-LRS = {"rlsgd": (0.01, 0.03), "adamw": (1e-4, 3e-4), "dense-block-adamw": (3e-4, 1e-3), "sgd": (0.01, 0.03)}
-LABELS = {"rlsgd": "RLSGD", "adamw": "AdamW (torch)", "dense-block-adamw": "DenseBlockAdamW", "sgd": "SGD (torch)"}
-SMOOTH = 5  # steps of the rolling mean in the reward plot
+from rl_runs import REPO, Arm, environment, group_runs, run_grid, stats
+
+from sparse_rl_optim.demo import __main__ as demo
+from sparse_rl_optim.demo.plot import rolling_mean
+
+ARMS = {
+    arm.key: arm
+    for arm in (
+        Arm("adamw", "AdamW (torch)", ("--optimizer", "adamw"), (1e-4, 3e-4, 1e-3)),
+        Arm("rlsgd-nearest", "RLSGD nearest", ("--optimizer", "rlsgd", "--rounding", "nearest"), (0.03, 0.1, 0.3)),
+        Arm(
+            "rlsgd-stochastic",
+            "RLSGD stochastic",
+            ("--optimizer", "rlsgd", "--rounding", "stochastic"),
+            (0.03, 0.1, 0.3),
+        ),
+        Arm(
+            "sgd-momentum-fp32",
+            "SGD momentum 0.9, fp32 master",
+            ("--optimizer", "sgd", "--momentum", "0.9", "--master-weights", "fp32"),
+            (2e-3, 5e-3, 1e-2),
+        ),
+        Arm(
+            "dense-block-adamw",
+            "DenseBlockAdamW 5%",
+            ("--optimizer", "dense-block-adamw", "--density", "0.05"),
+            (1e-3, 3e-3, 1e-2),
+        ),
+    )
+}
+BASELINE = "adamw"
+QUICK_FLAGS = ("--warm-start-steps", "20", "--hidden-size", "32", "--prompts-per-step", "4")
+LEARNS_AT_SE = 3.0  # a gain is "distinguishable from 0" when its mean is at least this many standard errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="GRPO steps per run")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated, of {sorted(LRS)}")
-    parser.add_argument("--lrs", default=None, help="override the lr sweep for every optimizer, comma-separated")
-    parser.add_argument("--warm-start-steps", type=int, default=1000)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 lr, 5 steps, tiny model")
+    parser.add_argument("--steps", type=int, default=150, help="GRPO steps per run")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {list(ARMS)}")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 torch thread each)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 1 lr, 4 steps, tiny model")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "rl_quality")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    unknown = [o for o in args.optimizers if o not in LRS]
+    keys = [key.strip() for key in args.arms.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in ARMS]
     if unknown:
-        parser.error(f"unknown optimizers {unknown}; choose from {sorted(LRS)}")
-    args.lr_sweep = {o: LRS[o] for o in args.optimizers}
-    if args.lrs:
-        args.lr_sweep = {o: tuple(float(x) for x in args.lrs.split(",")) for o in args.optimizers}
+        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    args.arms = [ARMS[key] for key in keys]
+    args.common_flags = ["--steps", str(args.steps)]
     if args.quick:
-        args.seeds = args.seeds[:1]
-        args.steps, args.warm_start_steps, args.hidden_size = 5, 20, 32
-        args.lr_sweep = {o: lrs[:1] for o, lrs in args.lr_sweep.items()}
+        args.seeds = args.seeds[:2]
+        args.steps = 4
+        args.common_flags = ["--steps", "4", *QUICK_FLAGS]
+        args.arms = [Arm(a.key, a.label, a.flags, a.lrs[len(a.lrs) // 2 : len(a.lrs) // 2 + 1]) for a in args.arms]
     return args
 
 
-def _git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _environment() -> dict[str, Any]:
-    import torch
-    import transformers
-    import trl
-
-    return {
-        "machine": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "git_commit": _git_commit(),
-    }
-
-
-def one_run(optimizer: str, lr: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One demo run; returns its figures plus the per-step reward and changed-fraction curves."""
-    from sparse_rl_optim.demo import __main__ as demo
-
-    calls: list[list[float]] = []
-    original = demo.addition_reward
-
-    @functools.wraps(original)
-    def recording_reward(*a: Any, **k: Any) -> list[float]:
-        rewards = original(*a, **k)
-        calls.append([float(r) for r in rewards])
-        return rewards
-
-    flags = ["--optimizer", optimizer, "--lr", repr(lr), "--seed", str(seed), "--steps", str(args.steps)]
-    flags += ["--warm-start-steps", str(args.warm_start_steps), "--hidden-size", str(args.hidden_size)]
-    demo.addition_reward = recording_reward  # the demo looks it up at call time: GRPO reward and greedy accuracy
-    try:
-        with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
-            figures = demo.run(demo.parse_args([*flags, "--output-dir", folder]))
-            history = [json.loads(line) for line in (Path(folder) / "gate_history.jsonl").read_text().splitlines()]
-    finally:
-        demo.addition_reward = original
-    # calls: greedy accuracy before, one batch of completions per GRPO step, greedy accuracy after.
-    rewards = [statistics.fmean(c) for c in calls[1:-1]]
-    if len(rewards) != args.steps:
-        raise RuntimeError(f"expected {args.steps} reward batches, recorded {len(rewards)}")
-    quarter = max(1, args.steps // 4)
-    for key, values in (("first", rewards[:quarter]), ("last", rewards[-quarter:])):
-        logged = figures[f"mean_reward_{key}_quarter"]
-        if abs(statistics.fmean(values) - logged) > 1e-3:
-            raise RuntimeError(f"recorded reward {statistics.fmean(values)} != trainer log {logged} ({key} quarter)")
-    keep = (
-        "params",
-        "warm_start_loss",
-        "greedy_accuracy_before",
-        "greedy_accuracy_after",
-        "mean_reward_first_quarter",
-        "mean_reward_last_quarter",
-        "mean_changed_fraction",
-        "cumulative_changed_fraction",
-        "swallowed_of_intended",
-        "optimizer_state_bytes",
-        "adamw_state_bytes",
-        "seconds",
-    )
-    return {
-        "optimizer": optimizer,
-        "lr": lr,
-        "seed": seed,
-        **{k: figures[k] for k in keep},
-        "state_bytes_per_param": figures["optimizer_state_bytes"] / figures["params"],
-        "reward_curve": rewards,
-        "changed_fraction_curve": [row["changed_fraction"] for row in history],
-    }
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (optimizer, lr): mean, sample std, min and max over seeds; marks the best lr per optimizer."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault((run["optimizer"], run["lr"]), []).append(run)
+    """Per (arm, lr): statistics over seeds of every figure; the best lr of each arm marked."""
     rows = []
-    for (optimizer, lr), group in groups.items():
-        row: dict[str, Any] = {"optimizer": optimizer, "lr": lr, "seeds": [r["seed"] for r in group]}
+    for (arm, lr), group in group_runs(runs).items():
+        row: dict[str, Any] = {"arm": arm, "label": group[0]["label"], "lr": lr, "seeds": [r["seed"] for r in group]}
         for key in (
             "greedy_accuracy_before",
             "greedy_accuracy_after",
+            "sampled_accuracy_before",
+            "sampled_accuracy_after",
             "mean_reward_first_quarter",
             "mean_reward_last_quarter",
             "mean_changed_fraction",
             "cumulative_changed_fraction",
-            "state_bytes_per_param",
             "seconds",
         ):
-            row[key] = _stats([r[key] for r in group])
-        row["accuracy_gain"] = _stats([r["greedy_accuracy_after"] - r["greedy_accuracy_before"] for r in group])
+            row[key] = stats([r[key] for r in group])
+        row["greedy_gain"] = stats([r["greedy_accuracy_after"] - r["greedy_accuracy_before"] for r in group])
+        row["sampled_gain"] = stats([r["sampled_accuracy_after"] - r["sampled_accuracy_before"] for r in group])
+        row["state_bytes_per_param"] = statistics.fmean(r["optimizer_state_bytes"] / r["params"] for r in group)
         rows.append(row)
-    for optimizer in dict.fromkeys(r["optimizer"] for r in rows):
-        mine = [r for r in rows if r["optimizer"] == optimizer]
-        best = max(mine, key=lambda r: (r["greedy_accuracy_after"]["mean"], r["mean_reward_last_quarter"]["mean"]))
-        for r in mine:
-            r["best_lr"] = r is best
+    for arm in dict.fromkeys(row["arm"] for row in rows):
+        mine = [row for row in rows if row["arm"] == arm]
+        best = max(mine, key=lambda row: row["mean_reward_last_quarter"]["mean"])
+        for row in mine:
+            row["best_lr"] = row is best
     return rows
 
 
-def _pm(s: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
+def verdicts(summary: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per arm at its best lr: does it learn, and how does it compare with AdamW's best lr."""
+    best = {row["arm"]: row for row in summary if row["best_lr"]}
+    baseline = best.get(BASELINE)
+    groups = group_runs(runs)
+    out = []
+    for arm, row in best.items():
+        gain = row["greedy_gain"]
+        verdict: dict[str, Any] = {
+            "arm": arm,
+            "label": row["label"],
+            "lr": row["lr"],
+            "greedy_gain": gain,
+            "sampled_gain": row["sampled_gain"],
+            "greedy_gain_in_se": _in_standard_errors(gain),
+        }
+        verdict["learns"] = gain["n"] > 1 and gain["mean"] >= LEARNS_AT_SE * gain["se"] and gain["mean"] > 0
+        if baseline is not None:
+            low, high = baseline["greedy_gain"]["ci95_low"], baseline["greedy_gain"]["ci95_high"]
+            verdict["within_adamw_interval"] = bool(low <= gain["mean"] <= high)
+            mine = {r["seed"]: r for r in groups[(arm, row["lr"])]}
+            theirs = {r["seed"]: r for r in groups[(BASELINE, baseline["lr"])]}
+            seeds = sorted(mine.keys() & theirs.keys())
+            differences = [
+                (mine[s]["greedy_accuracy_after"] - mine[s]["greedy_accuracy_before"])
+                - (theirs[s]["greedy_accuracy_after"] - theirs[s]["greedy_accuracy_before"])
+                for s in seeds
+            ]
+            verdict["paired_difference_to_adamw"] = stats(differences) if len(differences) > 1 else None
+            for key, figure in (("per_step", "mean_changed_fraction"), ("total", "cumulative_changed_fraction")):
+                mine_changed = row[figure]["mean"]
+                verdict[f"changed_{key}_adamw_over_this"] = (
+                    baseline[figure]["mean"] / mine_changed if mine_changed > 0 else None
+                )
+        out.append(verdict)
+    return out
+
+
+def _in_standard_errors(s: dict[str, float]) -> float:
+    """How many standard errors the mean lies from 0 (infinite for a non-zero mean without spread)."""
+    if s["se"] > 0:
+        return s["mean"] / s["se"]
+    return 0.0 if s["mean"] == 0 else math.copysign(math.inf, s["mean"])
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a (this optimizer changed no weight)" if value is None else f"{value:.2g}x"
+
+
+def _pm(s: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
 
-def _range(s: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
-    return f"{scale * s['min']:.{digits}f}-{scale * s['max']:.{digits}f}"
+def _ci(s: dict[str, float], scale: float = 100.0) -> str:
+    return f"[{scale * s['ci95_low']:+.1f}, {scale * s['ci95_high']:+.1f}]"
+
+
+def _verdict_line(v: dict[str, Any]) -> str:
+    gain = v["greedy_gain"]
+    parts = [
+        f"**{v['label']}** (lr {v['lr']:g}): greedy gain {100 * gain['mean']:+.1f} pp, 95% CI {_ci(gain)}, "
+        f"{v['greedy_gain_in_se']:.1f} SE from 0: "
+        + ("learns (distinguishable from 0)" if v["learns"] else "**not distinguishable from 0**")
+    ]
+    if v["arm"] != BASELINE and "within_adamw_interval" in v:
+        parts.append(
+            "within AdamW's 95% interval" if v["within_adamw_interval"] else "**outside AdamW's 95% interval**"
+        )
+        diff = v["paired_difference_to_adamw"]
+        if diff is not None:
+            parts.append(f"paired difference to AdamW {100 * diff['mean']:+.1f} pp, 95% CI {_ci(diff)}")
+        parts.append(
+            f"AdamW changes {_ratio(v['changed_per_step_adamw_over_this'])} as many bf16 weights per step and "
+            f"{_ratio(v['changed_total_adamw_over_this'])} as many over the run"
+        )
+    return "- " + "; ".join(parts) + "."
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     env, config = result["environment"], result["config"]
+    before = [r["greedy_accuracy_before"] for r in result["runs"] if r["arm"] == result["runs"][0]["arm"]]
+    warm = {r["seed"]: r for r in result["runs"]}
+    spread = 100 * (max(before) - min(before))
     lines = [
-        "# RL quality: GRPO on `a+b=` with AdamW, RLSGD and DenseBlockAdamW",
+        "# RL quality: does RLSGD match AdamW on the demo task?",
         "",
-        f"`{result['command']}` — {result['wall_seconds']:.0f} s wall on {env['machine']} ({env['cpu_count']} cores, "
-        f"{env['device']}), torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}, "
-        f"commit {env['git_commit']}.",
+        f"`{result['command']}`: {result['wall_seconds']:.0f} s wall on {env['machine']} ({env['cpu_count']} cores, "
+        f"{env['workers']} runs at a time, {env['torch_threads_per_worker']} thread each, {env['device']}), torch "
+        f"{env['torch']}, transformers {env['transformers']}, trl {env['trl']}, commit {env['git_commit']}.",
         "",
-        f"Model: {config['layers']}-layer, {config['hidden_size']}-wide Llama ({result['runs'][0]['params']:,} params), "
-        f"warm-started {config['warm_start_steps']} supervised steps (fp32 AdamW) on `a+b=` with a, b < "
-        f"{config['max_operand'] + 1}, then {config['steps']} GRPO steps (bf16 weights, beta 0, exact-match reward, "
-        "the demo's batch). Seeds "
-        f"{', '.join(map(str, config['seeds']))}: a seed fixes the warm start, the held-out set and the GRPO "
-        "sampling, so all optimizers of a seed start RL from the same weights.",
+        f"Setup: the demo (`sparse-rl-optim-demo {' '.join(config['common_flags'])}`, task in "
+        f"[docs/rl_task.md](../../../docs/rl_task.md)): a {result['runs'][0]['params']:,}-param Llama warm-started "
+        f"until it solves {100 * config['warm_start_target']:g}% of the validation problems, then "
+        f"{config['steps']} GRPO steps (TRL, beta 0, constant lr, {config['prompts_per_step']} prompts x "
+        f"{config['generations']} completions per step, temperature {config['temperature']:g}). Seeds "
+        f"{', '.join(map(str, config['seeds']))}; each seed's warm start is shared by every optimizer and lr. "
+        f"Warm-start held-out greedy accuracy per seed: "
+        + ", ".join(f"{100 * warm[s]['greedy_accuracy_before']:.1f}%" for s in sorted(warm))
+        + f" (spread {spread:.1f} points).",
         "",
-        "Mean ± sample std over seeds, [min-max] below. Accuracy: greedy exact match on 256 held-out prompts, "
-        "before → after RL. Reward: mean sampled reward over the first and last quarter of the steps. Changed: "
-        "fraction of bf16 weights that change per step (mean), and that differ from the start of RL at the end. "
-        "State: optimizer state bytes per parameter. ★: best lr of the optimizer (by accuracy after).",
+        f"Accuracy on the {result['runs'][0]['held_out_prompts']} held-out problems (never trained on): greedy, "
+        f"and sampled at temperature {config['temperature']:g} "
+        "(4 samples per problem), before → after RL. Mean ± std over seeds; gain with its 95% t interval. "
+        "Changed: bf16 weights changed per step (mean) and differing from the start of RL at the end. "
+        "★: the lr with the highest training reward in the last quarter (chosen without the held-out figures).",
         "",
-        "| optimizer | lr | accuracy before (%) | accuracy after (%) | gain (pp) | reward first q. | reward last q. "
-        "| changed/step (%) | changed total (%) | state B/param | s/run |",
+        "## Verdicts (best lr per optimizer)",
+        "",
+        *[_verdict_line(v) for v in result["verdicts"]],
+        "",
+        "## Every run",
+        "",
+        "| optimizer | lr | greedy before → after (%) | greedy gain (pp), 95% CI | sampled before → after (%) "
+        "| sampled gain (pp) | reward first → last q. | changed/step (%) | changed total (%) | state B/param "
+        "| s/run |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["summary"]:
-        star = (
-            " ★"
-            if row["best_lr"] and len([r for r in result["summary"] if r["optimizer"] == row["optimizer"]]) > 1
-            else ""
-        )
         lines.append(
-            f"| {LABELS.get(row['optimizer'], row['optimizer'])}{star} | {row['lr']:g} "
-            f"| {_pm(row['greedy_accuracy_before'], 100)} [{_range(row['greedy_accuracy_before'], 100)}] "
-            f"| {_pm(row['greedy_accuracy_after'], 100)} [{_range(row['greedy_accuracy_after'], 100)}] "
-            f"| {_pm(row['accuracy_gain'], 100)} [{_range(row['accuracy_gain'], 100)}] "
-            f"| {_pm(row['mean_reward_first_quarter'], 1, 3)} "
-            f"| {_pm(row['mean_reward_last_quarter'], 1, 3)} [{_range(row['mean_reward_last_quarter'], 1, 3)}] "
-            f"| {_pm(row['mean_changed_fraction'], 100, 2)} "
-            f"| {_pm(row['cumulative_changed_fraction'], 100, 1)} "
-            f"| {row['state_bytes_per_param']['mean']:.2f} "
-            f"| {row['seconds']['mean']:.0f} |"
+            f"| {row['label']}{' ★' if row['best_lr'] else ''} | {row['lr']:g} "
+            f"| {_pm(row['greedy_accuracy_before'])} → {_pm(row['greedy_accuracy_after'])} "
+            f"| {_pm(row['greedy_gain'])} {_ci(row['greedy_gain'])} "
+            f"| {_pm(row['sampled_accuracy_before'])} → {_pm(row['sampled_accuracy_after'])} "
+            f"| {_pm(row['sampled_gain'])} {_ci(row['sampled_gain'])} "
+            f"| {row['mean_reward_first_quarter']['mean']:.3f} → {row['mean_reward_last_quarter']['mean']:.3f} "
+            f"| {_pm(row['mean_changed_fraction'], 100, 2)} | {_pm(row['cumulative_changed_fraction'])} "
+            f"| {row['state_bytes_per_param']:.2f} | {row['seconds']['mean']:.0f} |"
         )
     lines += [
         "",
-        f"n = {len(config['seeds'])} seeds per row; with so few seeds and 256 held-out prompts (±3 pp binomial "
-        "noise at 30%), differences of a few points are within the noise.",
+        f"n = {len(config['seeds'])} seeds per row. The 95% interval is mean ± t(n-1) x std/sqrt(n).",
         "",
-        "![reward curves and accuracy gain](rl_quality.png)",
+        "![reward curves, changed fraction and accuracy gain](rl_quality.png)",
         "",
     ]
     path.write_text("\n".join(lines))
-
-
-def _rolling(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1) : i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
@@ -262,92 +257,82 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary, runs = result["summary"], result["runs"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    best = [row for row in result["summary"] if row["best_lr"]]
+    groups = group_runs(result["runs"])
+    figure, (reward_axis, changed_axis, gain_axis) = plt.subplots(1, 3, figsize=(17, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    optimizers = list(dict.fromkeys(r["optimizer"] for r in summary))
-    window = min(SMOOTH, result["config"]["steps"])
-    for index, optimizer in enumerate(optimizers):
-        best = next(r for r in summary if r["optimizer"] == optimizer and r["best_lr"])
-        curves = [
-            _rolling(r["reward_curve"], window) for r in runs if r["optimizer"] == optimizer and r["lr"] == best["lr"]
-        ]
-        steps = range(1, len(curves[0]) + 1)
-        columns = list(zip(*curves, strict=True))
+    window = min(10, result["config"]["steps"])
+    for index, row in enumerate(best):
         color = colors[index % len(colors)]
-        left.plot(
-            steps,
-            [statistics.fmean(c) for c in columns],
-            color=color,
-            label=f"{LABELS.get(optimizer, optimizer)} lr {best['lr']:g}",
-        )
-        left.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=color, alpha=0.2)
-    left.set_xlabel("GRPO step")
-    left.set_ylabel(f"sampled reward ({window}-step rolling mean)")
-    left.set_title(f"reward, best lr per optimizer: mean over {len(result['config']['seeds'])} seeds, min-max band")
-    left.legend()
-    left.grid(alpha=0.3)
-
-    labels, positions = [], []
-    for position, row in enumerate(summary):
-        color = colors[optimizers.index(row["optimizer"]) % len(colors)]
-        gains = [
-            100 * (r["greedy_accuracy_after"] - r["greedy_accuracy_before"])
-            for r in runs
-            if r["optimizer"] == row["optimizer"] and r["lr"] == row["lr"]
-        ]
-        right.bar(position, statistics.fmean(gains), color=color, alpha=0.6 if not row["best_lr"] else 0.9)
-        right.scatter([position] * len(gains), gains, color="black", s=14, zorder=3)
-        labels.append(f"{LABELS.get(row['optimizer'], row['optimizer'])}\nlr {row['lr']:g}")
-        positions.append(position)
-    right.axhline(0, color="gray", linewidth=0.8)
-    right.set_xticks(positions, labels, fontsize=7, rotation=20)
-    right.set_ylabel("greedy accuracy after - before (pp)")
-    right.set_title("held-out accuracy gain: mean (bar), seeds (dots)")
-    right.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        group = groups[(row["arm"], row["lr"])]
+        label = f"{row['label']}, lr {row['lr']:g}"
+        curves = [rolling_mean(r["rewards"], window) for r in group]
+        columns = list(zip(*curves, strict=True))
+        steps = range(1, len(columns) + 1)
+        reward_axis.plot(steps, [statistics.fmean(c) for c in columns], color=color, label=label)
+        reward_axis.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=color, alpha=0.15)
+        changed = list(zip(*[r["changed_fraction_per_step"] for r in group], strict=True))
+        changed_axis.plot(steps, [max(statistics.fmean(c), 1e-9) for c in changed], color=color)
+        for offset, key in ((-0.2, "greedy_gain"), (0.2, "sampled_gain")):
+            gain = row[key]
+            gain_axis.bar(
+                index + offset,
+                100 * gain["mean"],
+                width=0.38,
+                color=color,
+                alpha=0.9 if key == "greedy_gain" else 0.45,
+                yerr=[[100 * (gain["mean"] - gain["ci95_low"])], [100 * (gain["ci95_high"] - gain["mean"])]]
+                if gain["n"] > 1
+                else None,
+                capsize=3,
+            )
+            values = [r[key.replace("_gain", "_accuracy_after")] - r[key.replace("_gain", "_accuracy_before")]
+                      for r in group]  # fmt: skip
+            gain_axis.scatter([index + offset] * len(values), [100 * v for v in values], color="black", s=8, zorder=3)
+    reward_axis.set_xlabel("GRPO step")
+    reward_axis.set_ylabel(f"sampled reward ({window}-step rolling mean)")
+    reward_axis.set_title("training reward: mean over seeds, min-max band")
+    reward_axis.grid(alpha=0.3)
+    changed_axis.set_yscale("log")
+    changed_axis.set_xlabel("GRPO step")
+    changed_axis.set_ylabel("fraction of bf16 weights changed by the step")
+    changed_axis.set_title("changed per step (mean over seeds)")
+    changed_axis.grid(alpha=0.3, which="both")
+    gain_axis.axhline(0, color="gray", linewidth=0.8)
+    gain_axis.set_xticks(range(len(best)), [row["label"] for row in best], fontsize=7, rotation=15)
+    gain_axis.set_ylabel("held-out accuracy gain (pp)")
+    gain_axis.set_title("gain: greedy (dark), sampled (light); 95% CI, seeds")
+    gain_axis.grid(alpha=0.3, axis="y")
+    handles, labels = reward_axis.get_legend_handles_labels()
+    figure.tight_layout()
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(labels), fontsize=8)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sparse_rl_optim.demo import __main__ as demo
-
-    defaults = demo.parse_args([])
-    command = "python bench/rl_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
-    runs = []
-    total = sum(len(lrs) for lrs in args.lr_sweep.values()) * len(args.seeds)
-    for seed in args.seeds:
-        for optimizer, lrs in args.lr_sweep.items():
-            for lr in lrs:
-                run = one_run(optimizer, lr, seed, args)
-                runs.append(run)
-                print(
-                    f"[{len(runs)}/{total}] seed {seed} {optimizer} lr {lr:g}: accuracy "
-                    f"{run['greedy_accuracy_before']:.3f} -> {run['greedy_accuracy_after']:.3f}, reward "
-                    f"{run['mean_reward_first_quarter']:.3f} -> {run['mean_reward_last_quarter']:.3f}, "
-                    f"{run['seconds']:.0f} s ({time.perf_counter() - started:.0f} s total)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    runs = run_grid(args.arms, args.seeds, args.common_flags, workers=args.workers)
+    summary = summarize(runs)
+    setup = demo.parse_args(args.common_flags)
     result = {
-        "command": command.strip(),
-        "environment": _environment(),
+        "command": ("python bench/rl_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip(),
+        "environment": environment(args.workers, 1),
         "config": {
             "steps": args.steps,
             "seeds": args.seeds,
-            "lr_sweep": args.lr_sweep,
-            "warm_start_steps": args.warm_start_steps,
-            "hidden_size": args.hidden_size,
-            "layers": defaults.layers,
-            "max_operand": defaults.max_operand,
+            "common_flags": args.common_flags,
+            "warm_start_target": setup.warm_start_target,
+            "prompts_per_step": setup.prompts_per_step,
+            "generations": setup.generations,
+            "temperature": setup.temperature,
+            "arms": [{"key": a.key, "label": a.label, "flags": list(a.flags), "lrs": list(a.lrs)} for a in args.arms],
             "quick": args.quick,
         },
         "wall_seconds": time.perf_counter() - started,
-        "summary": summarize(runs),
+        "summary": summary,
+        "verdicts": verdicts(summary, runs),
         "runs": runs,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def test_demo_rlsgd_writes_plot_history_and_summary(rlsgd_demo):
     assert summary["adamw_state_bytes"] > 0
     # AdamW keeps two moments per weight: at least 2 bytes each for bf16 weights.
     assert summary["adamw_state_bytes"] >= 4 * summary["params"]
-    assert summary["swallowed_fraction"] is not None and 0.0 <= summary["swallowed_fraction"] <= 1.0
+    assert summary["swallowed_of_weights"] is not None and 0.0 <= summary["swallowed_of_weights"] <= 1.0
 
     lines = (output_dir / "gate_history.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -103,8 +103,8 @@ def test_demo_adamw_reports_state_bytes_and_no_swallowed(tmp_path):
     assert summary["optimizer_state_bytes"] > 0
     # The measured AdamW figure is what the AdamW run actually holds.
     assert summary["optimizer_state_bytes"] == summary["adamw_state_bytes"]
-    assert summary["swallowed_fraction"] is None
-    assert summary["swallowed_of_intended"] is None
+    assert summary["swallowed_of_weights"] is None
+    assert summary["swallowed_of_updates"] is None
 
     _, rows = table_rows(result.stdout)
     assert [row[0] for row in rows] == ["1", "2"]

@@ -194,7 +194,7 @@ def test_groups_summary_exports_and_memory(tmp_path):
     assert summary["steps"] == 3
     assert summary["cumulative_changed"] == record["cumulative_changed"]
     assert 0 < summary["mean_changed_fraction"] <= 1
-    assert 0 <= summary["swallowed_fraction"] <= 1 and 0 <= summary["swallowed_of_intended"] <= 1
+    assert 0 <= summary["swallowed_of_weights"] <= 1 and 0 <= summary["swallowed_of_updates"] <= 1
     assert set(summary["by_kind"]) == set(record["by_kind"])
 
     saved = tmp_path / "history.jsonl"

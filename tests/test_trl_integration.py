@@ -108,7 +108,7 @@ def assert_log_matches_history(
         required = {
             "gate/changed_fraction",
             "gate/cumulative_changed_fraction",
-            "gate/swallowed_fraction",
+            "gate/swallowed_of_weights",
             "gate/changed_since_sync_fraction",
         } | {f"gate/cumulative/{kind}" for kind in record["by_kind"]}
         assert required <= gate.keys()
@@ -130,7 +130,7 @@ def assert_log_matches_history(
             assert gate["gate/synced_fraction"] == pytest.approx(shipped_by_step[previous] / total, rel=1e-12)
         else:
             assert "gate/synced_fraction" not in gate
-        assert gate["gate/swallowed_fraction"] == pytest.approx(record["swallowed"] / total, rel=1e-12)
+        assert gate["gate/swallowed_of_weights"] == pytest.approx(record["swallowed"] / total, rel=1e-12)
         for kind, counts in record["by_kind"].items():
             expected = counts["cumulative_changed"] / counts["total"]
             assert gate[f"gate/cumulative/{kind}"] == pytest.approx(expected, rel=1e-12)
@@ -294,7 +294,7 @@ def test_gate_callback_averages_over_logging_interval(tmp_path, tokenizer, datas
         mean_changed = sum(r["changed_fraction"] for r in records) / 2
         assert entry["gate/changed_fraction"] == pytest.approx(mean_changed, rel=1e-12)
         swallowed = sum(r["swallowed"] for r in records) / (2 * total)
-        assert entry["gate/swallowed_fraction"] == pytest.approx(swallowed, rel=1e-12)
+        assert entry["gate/swallowed_of_weights"] == pytest.approx(swallowed, rel=1e-12)
         last = records[-1]
         assert entry["gate/cumulative_changed_fraction"] == pytest.approx(last["cumulative_changed"] / total)
         assert entry["gate/changed_since_sync_fraction"] == pytest.approx(last["changed_since_sync"] / total)
@@ -334,7 +334,7 @@ def test_optimizer_cls_grpo_trainer_builds_rlsgd_and_logs_gate_metrics(tmp_path,
     assert any(record["changed"] > 0 for record in history)
     entries = gate_entries(trainer.state.log_history)
     assert len(entries) == 2
-    # swallowed_fraction is only there because the callback found RLSGD's gate statistics.
+    # swallowed_of_weights is only there because the callback found RLSGD's gate statistics.
     assert_log_matches_history(entries, history, callback.syncs)
 
 

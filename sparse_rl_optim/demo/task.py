@@ -1,27 +1,39 @@
 """The demo's verifiable task, built offline: integer addition with an exact-match reward.
 
 Everything is made locally (no hub access): a character-level tokenizer from ``tokenizers``, a tiny
-Llama from a config, a prompt dataset, and a reward function with the signature TRL expects.
+Llama from a config, prompt sets, and a reward function with the signature TRL expects.
+
+The ``(a, b)`` pairs with ``0 <= a, b <= max_operand`` are split once, by a fixed permutation, into
+``train`` (70%: the warm start and the GRPO prompts), ``validation`` (10%: when to stop the warm start)
+and ``held_out`` (20%: accuracy before and after RL), so held-out accuracy measures problems the model
+never trained on.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any
+from functools import lru_cache
+from typing import Any, Literal
 
 import torch
 
 __all__ = [
     "PROMPT_FORMAT",
+    "SPLITS",
     "addition_reward",
     "build_tiny_llama",
     "build_tokenizer",
     "make_prompts",
+    "split_pairs",
 ]
 
 PROMPT_FORMAT = "{a}+{b}="
 _CHARACTERS = list("0123456789+=")
 _SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+Split = Literal["train", "validation", "held_out"]
+#: Share of all ``(a, b)`` pairs in each split, in the order the permuted pairs are dealt out.
+SPLITS: dict[str, float] = {"train": 0.7, "validation": 0.1, "held_out": 0.2}
+_SPLIT_SEED = 20260  # fixed: every seed and every run sees the same split
 
 
 def build_tokenizer() -> Any:
@@ -44,9 +56,20 @@ def build_tokenizer() -> Any:
 
 
 def build_tiny_llama(
-    tokenizer: Any, *, hidden_size: int = 64, layers: int = 2, dtype: torch.dtype = torch.float32
+    tokenizer: Any,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    initializer_range: float | None = None,
 ) -> Any:
-    """A small ``LlamaForCausalLM`` from a config (random init, seeded by the caller)."""
+    """A small ``LlamaForCausalLM`` from a config (random init, seeded by the caller).
+
+    ``initializer_range`` (the std of the weight init) defaults to ``hidden_size ** -0.5``: the scale
+    that the usual 0.02 has in a 2048- to 4096-wide LLM (0.02 * sqrt(2048) = 0.9). At 0.02 a 128-wide
+    model starts 4.4x smaller than that, its per-tensor gradient-to-weight ratios spread 70x instead of
+    20x, and plain SGD (one lr for all tensors) learns far more slowly than AdamW (``docs/rl_task.md``).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -61,19 +84,49 @@ def build_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=hidden_size**-0.5 if initializer_range is None else initializer_range,
     )
     model = LlamaForCausalLM(config)
     return model.to(dtype)
 
 
-def make_prompts(count: int, *, max_operand: int, seed: int) -> list[dict[str, str]]:
-    """``count`` rows ``{"prompt": "a+b=", "answer": "a+b"}`` with operands in ``[0, max_operand]``."""
+@lru_cache(maxsize=8)
+def split_pairs(max_operand: int) -> dict[str, tuple[tuple[int, int], ...]]:
+    """All ``(a, b)`` pairs with operands in ``[0, max_operand]``, dealt into the :data:`SPLITS`."""
+    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    random.Random(_SPLIT_SEED).shuffle(pairs)
+    result, start = {}, 0
+    for index, (name, share) in enumerate(SPLITS.items()):
+        stop = len(pairs) if index == len(SPLITS) - 1 else start + round(share * len(pairs))
+        result[name] = tuple(pairs[start:stop])
+        start = stop
+    return result
+
+
+def _row(a: int, b: int) -> dict[str, str]:
+    return {"prompt": PROMPT_FORMAT.format(a=a, b=b), "answer": str(a + b)}
+
+
+def make_prompts(count: int | None, *, max_operand: int, seed: int, split: Split | None = None) -> list[dict[str, str]]:
+    """Rows ``{"prompt": "a+b=", "answer": "a+b"}``.
+
+    ``split=None``: ``count`` pairs drawn with replacement from all operands in ``[0, max_operand]``.
+    ``split="train"|"validation"|"held_out"``: drawn from that split only; ``count=None`` gives every
+    pair of the split once, in a seeded order.
+    """
     rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        rows.append({"prompt": PROMPT_FORMAT.format(a=a, b=b), "answer": str(a + b)})
-    return rows
+    if split is None:
+        if count is None:
+            raise ValueError("make_prompts(count=None) needs a split")
+        return [_row(rng.randint(0, max_operand), rng.randint(0, max_operand)) for _ in range(count)]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)} or None, got {split!r}")
+    pairs = split_pairs(max_operand)[split]
+    if count is None:
+        order = list(pairs)
+        rng.shuffle(order)
+        return [_row(a, b) for a, b in order]
+    return [_row(*rng.choice(pairs)) for _ in range(count)]
 
 
 def addition_reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:

@@ -151,8 +151,10 @@ class PrecisionGateCallback(WeightSyncScheduleCallback):
     * ``gate/changed_since_sync_fraction``: weights that differ from the last weights synced to the
       inference engine, i.e. what the next sync must ship;
     * ``gate/synced_fraction``: mean of what each sync in the interval shipped (only when one happened);
-    * ``gate/swallowed_fraction``, ``gate/swallowed_of_intended`` (RLSGD only): weights whose gradient
-      update was non-zero but whose bf16 value did not change, over all weights / over those updates;
+    * ``gate/swallowed_of_updates`` (RLSGD only): of the weights whose gradient update was non-zero,
+      the share whose bf16 value did not change (what the precision gate swallowed);
+    * ``gate/swallowed_of_weights`` (RLSGD only): the same swallowed weights as a share of all weights
+      (smaller: weights with a zero update are in the denominator, not the numerator);
     * ``gate/cumulative/<kind>`` per module kind, and ``gate/nonfinite`` if weights became NaN/inf.
 
     Syncs follow GRPO's weight loads (:class:`WeightSyncScheduleCallback`): by default
@@ -253,9 +255,9 @@ class PrecisionGateCallback(WeightSyncScheduleCallback):
         if syncs:
             metrics["synced_fraction"] = sum(shipped for _, shipped in syncs) / (len(syncs) * total)
         if all(r["swallowed"] is not None for r in records):
-            metrics["swallowed_fraction"] = sum(r["swallowed"] for r in records) / (len(records) * total)
+            metrics["swallowed_of_weights"] = sum(r["swallowed"] for r in records) / (len(records) * total)
             intended = sum(r["intended"] for r in records)
-            metrics["swallowed_of_intended"] = sum(r["swallowed"] for r in records) / intended if intended else 0.0
+            metrics["swallowed_of_updates"] = sum(r["swallowed"] for r in records) / intended if intended else 0.0
         if any(r["nonfinite"] for r in records):
             metrics["nonfinite"] = float(sum(r["nonfinite"] for r in records))
         for kind, entry in last["by_kind"].items():

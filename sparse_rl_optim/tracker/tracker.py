@@ -450,7 +450,8 @@ class PrecisionGateTracker:
 
     def summary(self) -> dict[str, Any]:
         """Totals over the history: per-step and cumulative changed fractions, overall, by module
-        kind and by layer; the swallowed fraction (``swallowed / total`` and ``swallowed / intended``).
+        kind and by layer; what the gate swallowed as ``swallowed_of_updates`` (``swallowed / intended``:
+        the share of the non-zero updates) and ``swallowed_of_weights`` (``swallowed / total``).
         Global figures, except ``memory`` (this rank's); a collective where some param is sharded."""
         steps = len(self.history)
         last = self.history[-1] if self.history else None
@@ -462,15 +463,15 @@ class PrecisionGateTracker:
             "cumulative_changed": last["cumulative_changed"] if last else 0,
             "cumulative_changed_fraction": last["cumulative_changed"] / self.total if last else 0.0,
             "changed_since_sync": self.changed_since_sync,
-            "swallowed_fraction": None,
-            "swallowed_of_intended": None,
+            "swallowed_of_weights": None,
+            "swallowed_of_updates": None,
             "memory": self.memory_bytes(),
         }
         with_stats = [r for r in self.history if r["swallowed"] is not None]
         if with_stats:
-            result["swallowed_fraction"] = sum(r["swallowed"] for r in with_stats) / (len(with_stats) * self.total)
+            result["swallowed_of_weights"] = sum(r["swallowed"] for r in with_stats) / (len(with_stats) * self.total)
             intended = sum(r["intended"] for r in with_stats)
-            result["swallowed_of_intended"] = sum(r["swallowed"] for r in with_stats) / intended if intended else 0.0
+            result["swallowed_of_updates"] = sum(r["swallowed"] for r in with_stats) / intended if intended else 0.0
         for group_key in ("by_kind", "by_layer"):
             grouped: dict[str, dict[str, float]] = {}
             if last:
