@@ -24,7 +24,7 @@ from sparse_rl_optim.demo.plot import rolling_mean
 
 ARMS = (
     Arm("stochastic", "RLSGD stochastic", ("--rounding", "stochastic"), (0.03, 0.1, 0.3)),
-    Arm("nearest", "RLSGD nearest", ("--rounding", "nearest"), (0.1, 0.3, 1.0)),
+    Arm("nearest", "RLSGD nearest", ("--rounding", "nearest"), (0.01, 0.03, 0.1, 0.3, 1.0)),
     Arm("stochastic-momentum", "RLSGD stochastic, momentum 0.9", ("--rounding", "stochastic", "--momentum", "0.9"),
         (0.01, 0.03)),
     Arm("stochastic-8-prompts", "RLSGD stochastic, 8 prompts/step", ("--rounding", "stochastic",

@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (1 torch thread each)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 1 lr, 4 steps, tiny model")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "rl_quality")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the .md and .png from the .json in --out-dir; run nothing"
+    )
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     keys = [key.strip() for key in args.arms.split(",") if key.strip()]
@@ -299,7 +302,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     changed_axis.set_title("changed per step (mean over seeds)")
     changed_axis.grid(alpha=0.3, which="both")
     gain_axis.axhline(0, color="gray", linewidth=0.8)
-    gain_axis.set_xticks(range(len(best)), [row["label"] for row in best], fontsize=7, rotation=15)
+    gain_axis.set_xticks(range(len(best)), [row["label"].replace(", ", ",\n") for row in best], fontsize=7)
     gain_axis.set_ylabel("held-out accuracy gain (pp)")
     gain_axis.set_title("gain: greedy (dark), sampled (light); 95% CI, seeds")
     gain_axis.grid(alpha=0.3, axis="y")
@@ -310,8 +313,18 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def write_reports(result: dict[str, Any], out_dir: Path) -> None:
+    write_markdown(result, out_dir / "rl_quality.md")
+    write_plot(result, out_dir / "rl_quality.png")
+    print((out_dir / "rl_quality.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report_only:
+        result = json.loads((args.out_dir / "rl_quality.json").read_text())
+        write_reports(result, args.out_dir)
+        return result
     started = time.perf_counter()
     runs = run_grid(args.arms, args.seeds, args.common_flags, workers=args.workers)
     summary = summarize(runs)
@@ -337,9 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "rl_quality.json").write_text(json.dumps(result, indent=1))
-    write_markdown(result, args.out_dir / "rl_quality.md")
-    write_plot(result, args.out_dir / "rl_quality.png")
-    print((args.out_dir / "rl_quality.md").read_text())
+    write_reports(result, args.out_dir)
     print(f"wrote {args.out_dir}/rl_quality.{{json,md,png}} in {result['wall_seconds']:.0f} s")
     return result
 

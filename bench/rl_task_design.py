@@ -11,7 +11,7 @@ Three studies on the demo's 2-layer, 128-wide Llama (``a+b=`` with a, b <= 49, e
 2. **Gradient scale.** Per weight matrix, mean |gradient| / mean |weight| over the first GRPO steps
    (lr 0): plain SGD moves a tensor in proportion to it, AdamW does not. Reported as its spread
    (largest / smallest over the matrices) for each init.
-3. **RL with each init.** RLSGD (stochastic rounding, lr 0.1) and AdamW (lr 3e-4) for 100 GRPO steps from
+3. **RL with each init.** RLSGD (stochastic rounding, lr 0.03 and 0.1) and AdamW (lr 3e-4) for 100 GRPO steps from
    the target warm start, per init: the training reward gain and the held-out greedy gain.
 
 Writes ``rl_task_design.json`` and ``rl_task_design.md``.
@@ -148,11 +148,11 @@ def main(argv: list[str] | None = None) -> None:
             / min(v for n, v in mean_ratio.items() if "embed" not in n),
         })  # fmt: skip
     arms = [
-        Arm(f"{optimizer}@{init_name}", f"{label}, init {init_name}", flags, (lr,))
+        Arm(f"{optimizer}@{init_name}", f"{label}, init {init_name}", flags, lrs)
         for init_name in INITS
-        for optimizer, label, flags, lr in (
-            ("rlsgd", "RLSGD stochastic", ("--optimizer", "rlsgd", "--rounding", "stochastic"), 0.1),
-            ("adamw", "AdamW", ("--optimizer", "adamw"), 3e-4),
+        for optimizer, label, flags, lrs in (
+            ("rlsgd", "RLSGD stochastic", ("--optimizer", "rlsgd", "--rounding", "stochastic"), (0.03, 0.1)),
+            ("adamw", "AdamW", ("--optimizer", "adamw"), (3e-4,)),
         )
     ]
     rl_rows = []

@@ -50,17 +50,31 @@ def rlsgd_demo(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path
     return result, output_dir
 
 
+HEADER = ["step", "reward", "changed/step", "cumulative", "swallowed/updates", "swallowed/weights", "time"]
+
+
 def test_demo_rlsgd_runs_and_prints_table_and_state_bytes(rlsgd_demo):
-    result, _ = rlsgd_demo
+    result, output_dir = rlsgd_demo
     assert result.returncode == 0, result.stderr[-4000:]
     header, rows = table_rows(result.stdout)
-    assert header.split() == ["step", "reward", "changed/step", "cumulative", "swallowed"]
+    assert header.split() == HEADER
     assert [row[0] for row in rows] == ["1", "2", "3"]
-    for row in rows:
-        assert len(row) == 5
-        assert all(cell.endswith("%") for cell in row[2:])  # RLSGD reports a swallowed fraction
+    summary = json.loads((output_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (output_dir / "gate_history.jsonl").read_text().splitlines()]
+    for row, reward, record in zip(rows, summary["rewards"], records, strict=True):
+        assert len(row) == 7
+        assert all(cell.endswith("%") for cell in row[2:6])  # RLSGD reports both swallowed figures
+        assert row[6].endswith("s")
+        assert float(row[1]) == pytest.approx(reward, abs=5e-4)  # one step per row here
+        assert float(row[2].rstrip("%")) == pytest.approx(100 * record["changed"] / record["total"], abs=5e-4)
+        assert float(row[4].rstrip("%")) == pytest.approx(100 * record["swallowed"] / record["intended"], abs=5e-4)
+        assert float(row[5].rstrip("%")) == pytest.approx(100 * record["swallowed"] / record["total"], abs=5e-4)
     assert re.search(r"^optimizer state: 0 bytes \(0\.00 B/param\) vs AdamW [\d,]+ bytes", result.stdout, re.M)
-    assert "precision gate: swallowed" in result.stdout
+    assert re.search(r"^precision gate: swallowed [\d.]+% of the non-zero updates per step \([\d.]+% of all weights\)$",
+                     result.stdout, re.M)  # fmt: skip
+    assert re.search(r"^warm start: 20 supervised steps, validation accuracy [\d.]+", result.stdout, re.M)
+    assert re.search(r"^held-out accuracy \(\d+ problems never trained on\): greedy [\d.]+ -> [\d.]+, sampled", result.stdout,
+                     re.M)  # fmt: skip
 
 
 def test_demo_rlsgd_writes_plot_history_and_summary(rlsgd_demo):
@@ -70,6 +84,8 @@ def test_demo_rlsgd_writes_plot_history_and_summary(rlsgd_demo):
     png = (output_dir / "gate.png").read_bytes()
     assert png.startswith(PNG_MAGIC)
     assert len(png) > 5_000
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width > 2.5 * height  # the reward panel beside the two gate panels
 
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["optimizer"] == "rlsgd"
@@ -77,7 +93,11 @@ def test_demo_rlsgd_writes_plot_history_and_summary(rlsgd_demo):
     assert summary["adamw_state_bytes"] > 0
     # AdamW keeps two moments per weight: at least 2 bytes each for bf16 weights.
     assert summary["adamw_state_bytes"] >= 4 * summary["params"]
-    assert summary["swallowed_of_weights"] is not None and 0.0 <= summary["swallowed_of_weights"] <= 1.0
+    assert 0.0 <= summary["swallowed_of_weights"] <= summary["swallowed_of_updates"] <= 1.0
+    assert len(summary["rewards"]) == 3 and all(0.0 <= r <= 1.0 for r in summary["rewards"])
+    assert summary["rounding"] == "stochastic" and summary["lr"] == 0.1  # the demo's defaults
+    for key in ("greedy_accuracy_before", "greedy_accuracy_after", "sampled_accuracy_before", "sampled_accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
 
     lines = (output_dir / "gate_history.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -108,7 +128,7 @@ def test_demo_adamw_reports_state_bytes_and_no_swallowed(tmp_path):
 
     _, rows = table_rows(result.stdout)
     assert [row[0] for row in rows] == ["1", "2"]
-    assert all(row[-1] == "n/a" for row in rows)
+    assert all(row[4:6] == ["n/a", "n/a"] for row in rows)
     assert "precision gate: swallowed" not in result.stdout
     assert f"optimizer state: {summary['optimizer_state_bytes']:,} bytes" in result.stdout
     assert len((output_dir / "gate_history.jsonl").read_text().splitlines()) == 2
@@ -168,10 +188,39 @@ def test_demo_delta_sync_and_checkpoints_for_relex(tmp_path):
     assert (tmp_path / "predicted.safetensors").stat().st_size > 0
 
 
+def test_demo_prints_progress_rows_while_it_trains(tmp_path):
+    """The first row arrives while the process still runs (it is flushed, not buffered to the end)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    args = ["--steps", "4", *TINY, "--log-every", "2", "--output-dir", str(tmp_path / "out")]
+    with subprocess.Popen(
+        [sys.executable, "-m", "sparse_rl_optim.demo", *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.split()[:1] == ["2"]:
+                still_running = proc.poll() is None
+                break
+        lines += proc.stdout.readlines()
+        assert proc.wait(timeout=300) == 0
+    assert still_running
+    _, rows = table_rows("".join(lines))
+    assert [row[0] for row in rows] == ["2", "4"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--steps", "0"], "--steps must be >= 1"), (["--optimizer", "lion"], "invalid choice")],
-    ids=["steps-0", "unknown-optimizer"],
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--optimizer", "lion"], "invalid choice"),
+        (["--generations", "1"], "--generations must be >= 2"),
+        (["--warm-start-target", "0"], "--warm-start-target must be in (0, 1]"),
+        (["--init-std", "-1"], "--init-std must be > 0"),
+        (["--log-every", "0"], "--log-every must be >= 1"),
+    ],
+    ids=["steps-0", "unknown-optimizer", "one-generation", "target-0", "negative-init", "log-every-0"],
 )
 def test_demo_rejects_bad_arguments(tmp_path, args, message):
     result = run_demo([*args, "--output-dir", str(tmp_path / "out")], cwd=tmp_path)

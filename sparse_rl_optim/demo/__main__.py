@@ -14,6 +14,7 @@ explained in ``docs/rl_task.md``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -110,8 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measured_adamw_state_bytes(model: torch.nn.Module) -> int:
     """AdamW's state bytes for the same parameters, measured after one step on copies."""
     copies = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters() if p.requires_grad]
-    for copy in copies:
-        copy.grad = torch.ones_like(copy)
+    for clone in copies:
+        clone.grad = torch.ones_like(clone)
     adamw = torch.optim.AdamW(copies, lr=1e-6)
     adamw.step()
     return optimizer_state_bytes(adamw)
@@ -123,8 +124,6 @@ def held_out_accuracy(
     """Greedy and sampled (at the training temperature, 4 per prompt) accuracy of the bf16 weights:
     with fp32 master weights, of their bf16 rounding, as an inference engine would load them."""
     if any(p.dtype != torch.bfloat16 for p in model.parameters()):
-        import copy
-
         model = copy.deepcopy(model).to(torch.bfloat16)
     return {
         "greedy": greedy_accuracy(model, tokenizer, rows),
@@ -194,8 +193,6 @@ def run(args: argparse.Namespace, *, warm: tuple[dict[str, torch.Tensor], WarmSt
     callbacks: list[Any] = [callback, ProgressPrinter(args.log_every)]
     delta_callback = None
     if args.delta_sync:
-        import copy
-
         from sparse_rl_optim.integrations.trl import DeltaSyncCallback
 
         # The replica stands in for the inference engine: it starts from other weights (the anchor fixes that).
