@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (also under PYTHONSAFEPATH=1)
+
 from rl_runs import REPO, Arm, environment, group_runs, run_grid, stats
 
 from sparse_rl_optim.demo.plot import rolling_mean

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (also under PYTHONSAFEPATH=1)
+
 from rl_runs import REPO, Arm, environment, group_runs, run_grid
 
 DENSE_BLOCK = ("--optimizer", "dense-block-adamw")

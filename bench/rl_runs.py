@@ -46,12 +46,17 @@ KEPT = (
     "cumulative_changed_fraction",
     "swallowed_of_updates",
     "optimizer_state_bytes",
+    "weight_bytes",
     "adamw_state_bytes",
     "seconds",
 )
 
 # Two-sided 95% critical values of Student's t by degrees of freedom (from the t table).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_Z975 = 1.959964  # the normal distribution's 97.5% point
+#: Flags that make the model or the warm start: the same for every run of a seed, so common flags only.
+WARM_START_FLAGS = ("--hidden-size", "--layers", "--init-std", "--max-operand", "--warm-start-target",
+                    "--warm-start-steps", "--seed")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,26 +70,35 @@ class Arm:
 
 
 def t95(df: int) -> float:
-    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom (``df <= 10``
-    tabulated; larger ``df`` interpolated towards the normal 1.96, within 0.5% of the exact value)."""
+    """Two-sided 95% critical value of Student's t with ``df`` degrees of freedom: tabulated up to 10,
+    beyond that the Cornish-Fisher expansion in 1/df (within 0.01% from df 11 on)."""
     if df < 1:
         raise ValueError("a t interval needs at least 2 values")
-    return _T95.get(df, 1.96 + 2.4 / df)
+    if df in _T95:
+        return _T95[df]
+    z = _Z975
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
 
 
-def stats(values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample std, standard error, 95% t interval, min, max and n of ``values``."""
+def stats(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean, sample std, standard error, 95% t interval, min, max and n of ``values`` (with one value
+    the interval is ``None``: it needs a spread)."""
     n = len(values)
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if n > 1 else 0.0
     se = std / math.sqrt(n)
-    half = t95(n - 1) * se if n > 1 else float("nan")
+    half = t95(n - 1) * se if n > 1 else None
     return {
         "mean": mean,
         "std": std,
         "se": se,
-        "ci95_low": mean - half,
-        "ci95_high": mean + half,
+        "ci95_low": None if half is None else mean - half,
+        "ci95_high": None if half is None else mean + half,
         "min": min(values),
         "max": max(values),
         "n": n,
@@ -130,6 +144,11 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Every arm at every lr on every seed (``common_flags`` for all: model, steps, batch); returns one
     record per run with the demo figures in :data:`KEPT`. Progress goes to stderr."""
+    for arm in arms:
+        shared = [flag for flag in arm.flags if flag.split("=")[0] in WARM_START_FLAGS]
+        if shared:
+            raise ValueError(f"{arm.key}: {shared} make the warm start, which every arm of a seed shares; "
+                             "pass them in common_flags")  # fmt: skip
     model_flags = [*common_flags]
     context = get_context("spawn")  # a clean torch in every worker
     started = time.perf_counter()

@@ -29,6 +29,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ (also under PYTHONSAFEPATH=1)
+
 from rl_runs import REPO, Arm, environment, group_runs, run_grid, stats
 
 HIDDEN = 128

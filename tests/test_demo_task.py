@@ -4,14 +4,20 @@ the progress rows, each against a written-out reference."""
 from __future__ import annotations
 
 import io
-import random
 
 import pytest
 import torch
 
-from sparse_rl_optim.demo.evaluate import MAX_NEW_TOKENS, greedy_accuracy, sampled_accuracy
+from sparse_rl_optim.demo.evaluate import greedy_accuracy, sampled_accuracy
 from sparse_rl_optim.demo.grpo import ProgressPrinter
-from sparse_rl_optim.demo.task import SPLITS, build_tiny_llama, build_tokenizer, make_prompts, split_pairs
+from sparse_rl_optim.demo.task import (
+    SPLITS,
+    build_tiny_llama,
+    build_tokenizer,
+    make_prompts,
+    max_completion_tokens,
+    split_pairs,
+)
 from sparse_rl_optim.demo.warm_start import warm_start
 
 
@@ -27,13 +33,16 @@ def test_split_pairs_partitions_every_problem(max_operand):
     seen = [pair for pairs in splits.values() for pair in pairs]
     assert len(seen) == len(set(seen)) == len(everything)  # disjoint
     assert set(seen) == everything
+    unordered = max_operand + 1 + (max_operand + 1) * max_operand // 2  # {a, b}: a == b, plus a < b
     for name, share in SPLITS.items():
-        assert abs(len(splits[name]) - share * len(everything)) <= 1
+        pairs = set(splits[name])
+        assert all((b, a) in pairs for a, b in pairs), f"{name}: a commuted twin fell into another split"
+        assert abs(sum(a <= b for a, b in pairs) - share * unordered) <= 1
 
 
 def test_make_prompts_draws_only_from_its_split():
     held_out = set(split_pairs(49)["held_out"])
-    rows = make_prompts(500, max_operand=49, seed=random.randrange(1000), split="train")
+    rows = make_prompts(500, max_operand=49, seed=11, split="train")
     for row in rows:
         a, b = (int(x) for x in row["prompt"].rstrip("=").split("+"))
         assert (a, b) not in held_out
@@ -60,7 +69,7 @@ def _naive_greedy(model, tokenizer, prompt: str) -> str:
     """Greedy decoding one prompt at a time with full forward passes, no cache, no padding."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = []
-    for _ in range(MAX_NEW_TOKENS):
+    for _ in range(max_completion_tokens(19)):
         token = model(ids).logits[0, -1].argmax().item()
         if token == tokenizer.eos_token_id:
             break
@@ -70,7 +79,7 @@ def _naive_greedy(model, tokenizer, prompt: str) -> str:
 
 
 def test_greedy_and_sampled_accuracy_match_a_naive_decode(tokenizer):
-    torch.manual_seed(random.randrange(1000))
+    torch.manual_seed(7)
     model = build_tiny_llama(tokenizer, hidden_size=64, layers=1)
     warm_start(model, tokenizer, max_operand=19, seed=0, target_accuracy=0.3, max_steps=1000)
     model.eval()
@@ -104,16 +113,16 @@ def test_warm_start_stops_at_the_first_check_that_meets_the_target(tokenizer):
     assert greedy_accuracy(model, tokenizer, rows) == result.validation_accuracy
 
     target, every = 0.2, 10
-    stopped = warm_start(_fresh(tokenizer), tokenizer, max_operand=9, seed=0, target_accuracy=target, max_steps=400,
+    stopped = warm_start(_fresh(tokenizer), tokenizer, max_operand=19, seed=0, target_accuracy=target, max_steps=400,
                          check_every=every)  # fmt: skip
     assert stopped.reached_target and stopped.validation_accuracy >= target and stopped.steps % every == 0
     # The reference: the same (deterministic) run for a fixed number of steps, one check earlier, is
     # still below the target; the run to the stopping step reaches it.
-    earlier = warm_start(_fresh(tokenizer), tokenizer, max_operand=9, seed=0, target_accuracy=None,
+    earlier = warm_start(_fresh(tokenizer), tokenizer, max_operand=19, seed=0, target_accuracy=None,
                          max_steps=stopped.steps - every)  # fmt: skip
     assert earlier.validation_accuracy < target
     same = warm_start(
-        _fresh(tokenizer), tokenizer, max_operand=9, seed=0, target_accuracy=None, max_steps=stopped.steps
+        _fresh(tokenizer), tokenizer, max_operand=19, seed=0, target_accuracy=None, max_steps=stopped.steps
     )
     assert same.validation_accuracy == stopped.validation_accuracy
     with pytest.raises(ValueError):
@@ -129,15 +138,14 @@ def test_progress_printer_rows_average_the_steps_since_the_last_row():
     stream = io.StringIO()
     printer = ProgressPrinter(3, stream=stream)
     printer.on_train_begin(None, _State(0, 7), None)
-    rewards = [random.random() for _ in range(7)]
-    changed = [random.random() / 10 for _ in range(7)]
-    for step, (reward, fraction) in enumerate(zip(rewards, changed, strict=True), start=1):
+    rewards, changed, of_updates, of_weights = torch.rand(4, 7, generator=torch.Generator().manual_seed(3)).tolist()
+    for step in range(1, 8):
         logs = {
-            "reward": reward,
-            "gate/changed_fraction": fraction,
+            "reward": rewards[step - 1],
+            "gate/changed_fraction": changed[step - 1] / 10,
             "gate/cumulative_changed_fraction": step / 10,
-            "gate/swallowed_of_updates": 0.9,
-            "gate/swallowed_of_weights": 0.5,
+            "gate/swallowed_of_updates": of_updates[step - 1],
+            "gate/swallowed_of_weights": of_weights[step - 1],
         }
         printer.on_log(None, _State(step, 7), None, logs=logs)
         printer.on_log(None, _State(step, 7), None, logs={"loss": 1.0})  # a log without a reward: ignored
@@ -148,9 +156,14 @@ def test_progress_printer_rows_average_the_steps_since_the_last_row():
     assert [row.split()[0] for row in rows] == ["3", "6", "7"]
     for row, (start, stop) in zip(rows, [(0, 3), (3, 6), (6, 7)], strict=True):
         cells = row.split()
-        assert float(cells[1]) == pytest.approx(sum(rewards[start:stop]) / (stop - start), abs=5e-4)
-        assert float(cells[2].rstrip("%")) == pytest.approx(100 * sum(changed[start:stop]) / (stop - start), abs=5e-4)
+
+        def mean(values, scale=1.0, start=start, stop=stop):
+            return scale * sum(values[start:stop]) / (stop - start)
+
+        assert float(cells[1]) == pytest.approx(mean(rewards), abs=5e-4)
+        assert float(cells[2].rstrip("%")) == pytest.approx(mean(changed, 10.0), abs=5e-4)  # 100 * x / 10
         assert cells[3] == f"{100 * stop / 10:.3f}%"
-        assert cells[4:6] == ["90.000%", "50.000%"]
+        assert float(cells[4].rstrip("%")) == pytest.approx(mean(of_updates, 100.0), abs=5e-4)
+        assert float(cells[5].rstrip("%")) == pytest.approx(mean(of_weights, 100.0), abs=5e-4)
     with pytest.raises(ValueError):
         ProgressPrinter(0)

@@ -111,7 +111,13 @@ def test_quick_summary_and_verdicts_follow_from_the_runs(quick):
                 - (theirs[s]["greedy_accuracy_after"] - theirs[s]["greedy_accuracy_before"])
                 for s in (0, 1)
             ]
-            assert verdict["paired_difference_to_adamw"]["mean"] == pytest.approx(statistics.fmean(differences))
+            difference = verdict["paired_difference_to_adamw"]
+            assert difference["mean"] == pytest.approx(statistics.fmean(differences))
+            half = 12.706 * statistics.stdev(differences) / math.sqrt(2)  # t(0.975, df=1)
+            low, high = statistics.fmean(differences) - half, statistics.fmean(differences) + half
+            assert (difference["ci95_low"], difference["ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+            expected = "better than AdamW" if low > 0 else "worse than AdamW" if high < 0 else "matches AdamW"
+            assert verdict["against_adamw"].startswith(expected)
 
 
 def test_quick_writes_the_markdown_table_verdicts_and_plot(quick):
@@ -124,6 +130,7 @@ def test_quick_writes_the_markdown_table_verdicts_and_plot(quick):
     assert len(table) - 1 == len(result["summary"]) == 5
     for label, row in zip(LABELS, table[1:], strict=True):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert cells[0].removesuffix(" ★") == label and len(cells) == 11
+        assert cells[0].removesuffix(" ★") == label and len(cells) == 12
+        assert cells[10] == ("4" if label.endswith("fp32 master") else "2")  # weights B/param
     assert "spread" in markdown and "rl_quality.png" in markdown
     assert (out / "rl_quality.png").read_bytes()[:8] == PNG_MAGIC

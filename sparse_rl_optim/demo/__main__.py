@@ -27,7 +27,15 @@ import torch
 
 from sparse_rl_optim import optimizer_state_bytes
 from sparse_rl_optim.demo.evaluate import greedy_accuracy, sampled_accuracy
-from sparse_rl_optim.demo.grpo import DEFAULT_LR, OPTIMIZERS, GRPOSetup, ProgressPrinter, build_optimizer, train_grpo
+from sparse_rl_optim.demo.grpo import (
+    DEFAULT_LR,
+    DEFAULT_LR_WITH_MOMENTUM,
+    OPTIMIZERS,
+    GRPOSetup,
+    ProgressPrinter,
+    build_optimizer,
+    train_grpo,
+)
 from sparse_rl_optim.demo.task import build_tiny_llama, build_tokenizer, make_prompts
 from sparse_rl_optim.demo.warm_start import WarmStart, warm_start
 
@@ -36,31 +44,54 @@ __all__ = ["build_optimizer", "build_warm_model", "main", "parse_args", "run"]
 _SETUP = GRPOSetup()
 
 
+#: Flags that apply to some optimizers only, with their defaults there (``None`` on the command line
+#: means "not given", so a flag given for an optimizer that ignores it is an error, not a silent no-op).
+_OPTIMIZER_FLAGS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "momentum": (("rlsgd", "sgd", "dense-block-sgd"), 0.0),
+    "rounding": (("rlsgd",), "stochastic"),
+    "density": (("dense-block-adamw", "dense-block-sgd"), 0.05),
+    "select": (("dense-block-adamw", "dense-block-sgd"), "grad"),
+    "reselect_every": (("dense-block-adamw", "dense-block-sgd"), 25),
+    "rest": (("dense-block-adamw", "dense-block-sgd"), "freeze"),
+    "rest_lr": (("dense-block-adamw", "dense-block-sgd"), None),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sparse-rl-optim-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="rlsgd")
     parser.add_argument("--steps", type=int, default=_SETUP.steps, help="GRPO optimizer steps")
-    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default per optimizer: {DEFAULT_LR})")
-    parser.add_argument("--momentum", type=float, default=0.0, help="RLSGD/SGD momentum")
     parser.add_argument(
-        "--rounding", choices=("nearest", "stochastic"), default="stochastic", help="RLSGD rounding to bf16"
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate (default per optimizer: {DEFAULT_LR}; {DEFAULT_LR_WITH_MOMENTUM:g} with momentum)",
+    )
+    parser.add_argument("--momentum", type=float, default=None, help="rlsgd/sgd/dense-block-sgd momentum (default 0)")
+    parser.add_argument(
+        "--rounding",
+        choices=("nearest", "stochastic"),
+        default=None,
+        help="rlsgd rounding to bf16 (default stochastic)",
     )
     parser.add_argument(
         "--master-weights",
         choices=("bf16", "fp32"),
         default="bf16",
-        help="dtype the optimizer steps: bf16 weights, or fp32 master weights (bf16 values at the start); "
-        "the gate figures always count changes of the bf16 values an inference engine would load",
+        help="dtype the optimizer steps: bf16 weights, or fp32 master weights (bf16 values at the start, fp32 "
+        "rollouts); the gate figures and accuracies are of the bf16 values an inference engine would load",
     )
     parser.add_argument("--prompts-per-step", type=int, default=_SETUP.prompts_per_step)
     parser.add_argument("--generations", type=int, default=_SETUP.generations, help="completions per prompt")
     parser.add_argument("--temperature", type=float, default=_SETUP.temperature, help="sampling temperature")
-    parser.add_argument("--density", type=float, default=0.05, help="dense-block: fraction of tiles trained")
+    parser.add_argument("--density", type=float, default=None, help="dense-block: fraction of tiles trained (0.05)")
     parser.add_argument(
-        "--select", choices=("grad", "random", "off_principal"), default="grad", help="dense-block tile selection"
+        "--select", choices=("grad", "random", "off_principal"), default=None, help="dense-block tile selection (grad)"
     )
-    parser.add_argument("--reselect-every", type=int, default=25, help="dense-block: steps between reselections")
-    parser.add_argument("--rest", choices=("freeze", "sgd"), default="freeze", help="dense-block: outside the tiles")
+    parser.add_argument("--reselect-every", type=int, default=None, help="dense-block: steps between reselections (25)")
+    parser.add_argument(
+        "--rest", choices=("freeze", "sgd"), default=None, help="dense-block: outside the tiles (freeze)"
+    )
     parser.add_argument(
         "--rest-lr", type=float, default=None, help="dense-block: lr of rest='sgd' (AdamW: RLSGD's default; SGD: --lr)"
     )
@@ -68,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warm-start-target", type=float, default=0.3, help="stop the warm start at this validation accuracy"
     )
     parser.add_argument("--warm-start-steps", type=int, default=1000, help="supervised warm-start steps, at most")
-    parser.add_argument("--max-operand", type=int, default=49)
-    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--max-operand", type=int, default=49, help="problems a+b= with 0 <= a, b <= this")
+    parser.add_argument("--hidden-size", type=int, default=128, help="model width, a multiple of its 4 heads")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument(
         "--init-std", type=float, default=None, help="std of the weight init (default: hidden_size ** -0.5)"
@@ -86,23 +117,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save-every", type=int, default=0, help="save model checkpoints every N steps (for RELEX; 0: none)"
     )
     args = parser.parse_args(argv)
-    for name in ("steps", "prompts_per_step", "warm_start_steps"):
-        if getattr(args, name) < (0 if name == "warm_start_steps" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warm_start_steps' else 1}")
-    if args.generations < 2:
-        parser.error("--generations must be >= 2 (GRPO compares completions of the same prompt)")
-    if args.temperature <= 0:
-        parser.error("--temperature must be > 0")
+    at_least = {"steps": 1, "prompts_per_step": 1, "generations": 2, "warm_start_steps": 0, "max_operand": 1,
+                "hidden_size": 4, "layers": 1, "save_every": 0}  # fmt: skip
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}")
+    if args.hidden_size % 4:
+        parser.error("--hidden-size must be a multiple of 4 (the model's attention heads)")
+    for name in ("lr", "temperature", "init_std", "density", "rest_lr"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0")
     if not 0 < args.warm_start_target <= 1:
         parser.error("--warm-start-target must be in (0, 1]")
-    if args.init_std is not None and args.init_std <= 0:
-        parser.error("--init-std must be > 0")
-    if args.save_every < 0:
-        parser.error("--save-every must be >= 0")
     if args.log_every is not None and args.log_every < 1:
         parser.error("--log-every must be >= 1")
+    if args.delta_sync and args.master_weights != "bf16":
+        parser.error("--delta-sync keeps a bf16 replica of bf16 weights: use it with --master-weights bf16")
+    for name, (optimizers, default) in _OPTIMIZER_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.optimizer not in optimizers:
+            parser.error(
+                f"--{name.replace('_', '-')} applies to {', '.join(optimizers)}, not --optimizer {args.optimizer}"
+            )
     if args.lr is None:
-        args.lr = DEFAULT_LR[args.optimizer]
+        args.lr = DEFAULT_LR_WITH_MOMENTUM if args.momentum else DEFAULT_LR[args.optimizer]
     if args.log_every is None:
         args.log_every = max(1, args.steps // 15)
     return args
@@ -174,18 +214,23 @@ def run(args: argparse.Namespace, *, warm: tuple[dict[str, torch.Tensor], WarmSt
         model, warm_result = build_warm_model(args, tokenizer, device)
     else:
         state, warm_result = warm
+        if warm_result.target_accuracy != args.warm_start_target:
+            raise ValueError(
+                f"the warm start passed in aimed at {warm_result.target_accuracy}, not --warm-start-target "
+                f"{args.warm_start_target}: build it with the same flags"
+            )
         model = build_tiny_llama(tokenizer, hidden_size=args.hidden_size, layers=args.layers).to(device)
         model.load_state_dict(state)  # (the init std does not matter: every weight is overwritten)
     torch.manual_seed(args.seed)  # the same RL run whether the warm start was made here or passed in
     print(
         f"warm start: {warm_result.steps} supervised steps, validation accuracy {warm_result.validation_accuracy:.3f}"
-        + ("" if warm_result.reached_target else f" (target {args.warm_start_target:g} not reached)"),
+        + ("" if warm_result.reached_target else f" (target {warm_result.target_accuracy:g} not reached)"),
         flush=True,
     )
     model = model.to(torch.bfloat16)  # RL on bf16 weights, as in the SGD-in-RL recipe
     if args.master_weights == "fp32":
         model = model.to(torch.float32)  # the same bf16 values, stored as fp32 master weights
-    held_out = make_prompts(None, max_operand=args.max_operand, seed=args.seed, split="held_out")
+    held_out = make_prompts(None, max_operand=args.max_operand, seed=f"held-out:{args.seed}", split="held_out")
     before = held_out_accuracy(model, tokenizer, held_out, args)
 
     optimizer = build_optimizer(args, model)
@@ -259,6 +304,7 @@ def run(args: argparse.Namespace, *, warm: tuple[dict[str, torch.Tensor], WarmSt
         "swallowed_of_weights": summary["swallowed_of_weights"],
         "swallowed_of_updates": summary["swallowed_of_updates"],
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "optimizer_state_report": optimizer.state_bytes_report() if hasattr(optimizer, "state_bytes_report") else None,
         "adamw_state_bytes": measured_adamw_state_bytes(model),
         "tracker_memory": summary["memory"],
@@ -298,8 +344,8 @@ def _print_summary(figures: dict[str, Any], output_dir: Path) -> None:
     )
     if figures["swallowed_of_updates"] is not None:
         print(
-            f"precision gate: swallowed {100 * figures['swallowed_of_updates']:.2f}% of the non-zero updates per "
-            f"step ({100 * figures['swallowed_of_weights']:.2f}% of all weights)"
+            f"precision gate: over the run, swallowed {100 * figures['swallowed_of_updates']:.2f}% of the non-zero "
+            f"updates ({100 * figures['swallowed_of_weights']:.2f}% of all weight updates, zeros included)"
         )
     print(
         f"sampled reward: {figures['mean_reward_first_quarter']:.3f} in the first quarter of the steps, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -14,11 +14,11 @@ import torch
 from transformers import TrainerCallback
 
 from sparse_rl_optim import RLSGD, DenseBlockAdamW, DenseBlockSGD
-from sparse_rl_optim.demo.evaluate import MAX_NEW_TOKENS
-from sparse_rl_optim.demo.task import addition_reward, make_prompts
+from sparse_rl_optim.demo.task import addition_reward, make_prompts, max_completion_tokens
 
 __all__ = [
     "DEFAULT_LR",
+    "DEFAULT_LR_WITH_MOMENTUM",
     "OPTIMIZERS",
     "GRPOSetup",
     "ProgressPrinter",
@@ -27,20 +27,27 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("rlsgd", "adamw", "sgd", "dense-block-adamw", "dense-block-sgd")
-#: Per optimizer, the lr with the highest training reward in the committed sweeps
-#: (``bench/results/demo_sweep/``, ``bench/results/rl_quality/``).
-DEFAULT_LR = {"rlsgd": 0.1, "sgd": 0.1, "adamw": 3e-4, "dense-block-adamw": 1e-3, "dense-block-sgd": 0.1}
+#: Per optimizer, the lr with the highest training reward in the committed sweeps: RLSGD in
+#: ``bench/results/demo_sweep/``, AdamW and DenseBlockAdamW in ``bench/results/rl_quality/``. torch SGD
+#: on bf16 weights rounds to nearest like RLSGD's ``rounding="nearest"`` and takes its best lr;
+#: DenseBlockSGD is not swept and takes RLSGD's.
+DEFAULT_LR = {"rlsgd": 0.1, "sgd": 0.1, "adamw": 3e-4, "dense-block-adamw": 3e-3, "dense-block-sgd": 0.1}
+#: The SGD family with momentum 0.9 (RLSGD in the demo sweep, torch SGD on fp32 master weights in
+#: ``bench/results/rl_quality/``): the best lr is about a tenth, as the step is ~1/(1 - momentum) larger.
+DEFAULT_LR_WITH_MOMENTUM = 0.01
 
 
 @dataclass(frozen=True)
 class GRPOSetup:
     """One GRPO run: ``steps`` optimizer steps, each on ``prompts_per_step`` prompts with
-    ``generations`` completions sampled per prompt at ``temperature`` (no KL term, constant lr)."""
+    ``generations`` completions sampled per prompt at ``temperature``; no KL term, constant lr, the
+    gradient clipped to ``max_grad_norm`` (TRL's default) before the optimizer sees it."""
 
     steps: int = 150
     prompts_per_step: int = 32
     generations: int = 8
     temperature: float = 1.0
+    max_grad_norm: float = 1.0
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -48,10 +55,7 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
     ``lr``, ``momentum``, ``rounding`` and dense-block settings (no weight decay)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "rlsgd":
-        with warnings.catch_warnings():
-            # RLSGD warns that fp32 params make its bf16 rounding moot; that is the point of the option.
-            warnings.simplefilter("ignore")
-            return RLSGD(params, lr=args.lr, momentum=args.momentum, rounding=args.rounding)
+        return RLSGD(params, lr=args.lr, momentum=args.momentum, rounding=args.rounding)
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
     dense_block = dict(
@@ -73,9 +77,12 @@ def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.o
 
 
 class ProgressPrinter(TrainerCallback):
-    """Prints a table row every ``every`` optimizer steps (and at the last): the mean sampled reward
-    and gate figures over the steps since the previous row. Put it after ``PrecisionGateCallback``
-    in ``callbacks``, so the ``gate/`` figures of a log call are there when it reads them."""
+    """Prints a table row every ``every`` optimizer steps (and at the last): over the steps since the
+    previous row, the mean of each step's sampled reward, changed fraction and swallowed shares; and
+    the cumulative changed fraction at the row's step. Put it after ``PrecisionGateCallback`` in
+    ``callbacks``, so the ``gate/`` figures of a log call are there when it reads them."""
+
+    _MEANS = ("reward", "gate/changed_fraction", "gate/swallowed_of_updates", "gate/swallowed_of_weights")
 
     HEADER = (
         f"{'step':>5} {'reward':>7} {'changed/step':>13} {'cumulative':>11} "
@@ -87,8 +94,7 @@ class ProgressPrinter(TrainerCallback):
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = every
         self.stream = stream
-        self._rewards: list[float] = []
-        self._changed: list[float] = []
+        self._values: dict[str, list[float]] = {key: [] for key in self._MEANS}
         self._started = time.perf_counter()
 
     def _print(self, line: str) -> None:
@@ -102,24 +108,27 @@ class ProgressPrinter(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not logs or "reward" not in logs:
             return
-        self._rewards.append(float(logs["reward"]))
-        if "gate/changed_fraction" in logs:
-            self._changed.append(float(logs["gate/changed_fraction"]))
+        for key, values in self._values.items():
+            if key in logs:
+                values.append(float(logs[key]))
         step = state.global_step
         if step % self.every and step != state.max_steps:
             return
 
-        def percent(key: str) -> str:
-            return f"{100 * logs[key]:>.3f}%" if key in logs else "n/a"
+        def mean_percent(key: str) -> str:
+            values = self._values[key]
+            return f"{100 * sum(values) / len(values):.3f}%" if values else "n/a"
 
-        changed = f"{100 * sum(self._changed) / len(self._changed):.3f}%" if self._changed else "n/a"
+        cumulative = logs.get("gate/cumulative_changed_fraction")
+        rewards = self._values["reward"]
         self._print(
-            f"{step:>5} {sum(self._rewards) / len(self._rewards):>7.3f} {changed:>13} "
-            f"{percent('gate/cumulative_changed_fraction'):>11} {percent('gate/swallowed_of_updates'):>18} "
-            f"{percent('gate/swallowed_of_weights'):>18} {time.perf_counter() - self._started:>6.1f}s"
+            f"{step:>5} {sum(rewards) / len(rewards):>7.3f} {mean_percent('gate/changed_fraction'):>13} "
+            f"{'n/a' if cumulative is None else f'{100 * cumulative:.3f}%':>11} "
+            f"{mean_percent('gate/swallowed_of_updates'):>18} {mean_percent('gate/swallowed_of_weights'):>18} "
+            f"{time.perf_counter() - self._started:>6.1f}s"
         )
-        self._rewards.clear()
-        self._changed.clear()
+        for values in self._values.values():
+            values.clear()
 
 
 def train_grpo(
@@ -132,7 +141,7 @@ def train_grpo(
     seed: int,
     max_operand: int,
     output_dir: str,
-    callbacks: list[Any] = (),
+    callbacks: Sequence[Any] = (),
     save_every: int = 0,
 ) -> Any:
     """Run GRPO (TRL's ``GRPOTrainer``, beta 0, exact-match reward) on prompts from the train split;
@@ -150,11 +159,12 @@ def train_grpo(
         max_steps=setup.steps,
         per_device_train_batch_size=setup.prompts_per_step * setup.generations,
         num_generations=setup.generations,
-        max_completion_length=MAX_NEW_TOKENS,
+        max_completion_length=max_completion_tokens(max_operand),
         temperature=setup.temperature,
         beta=0.0,
         learning_rate=lr,
         lr_scheduler_type="constant",
+        max_grad_norm=setup.max_grad_norm,
         logging_steps=1,
         save_strategy="steps" if save_every else "no",
         save_steps=save_every or 500,
@@ -162,7 +172,9 @@ def train_grpo(
         seed=seed,
         disable_tqdm=True,
     )
-    prompts = make_prompts(setup.steps * setup.prompts_per_step, max_operand=max_operand, seed=seed + 2, split="train")
+    prompts = make_prompts(
+        setup.steps * setup.prompts_per_step, max_operand=max_operand, seed=f"grpo:{seed}", split="train"
+    )
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=addition_reward,

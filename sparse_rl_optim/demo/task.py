@@ -3,16 +3,19 @@
 Everything is made locally (no hub access): a character-level tokenizer from ``tokenizers``, a tiny
 Llama from a config, prompt sets, and a reward function with the signature TRL expects.
 
-The ``(a, b)`` pairs with ``0 <= a, b <= max_operand`` are split once, by a fixed permutation, into
-``train`` (70%: the warm start and the GRPO prompts), ``validation`` (10%: when to stop the warm start)
-and ``held_out`` (20%: accuracy before and after RL), so held-out accuracy measures problems the model
-never trained on.
+The problems ``a+b=`` with ``0 <= a, b <= max_operand`` are split once, by a fixed permutation of the
+unordered pairs ``{a, b}`` (so ``a+b=`` and ``b+a=`` always fall in the same split), into ``train``
+(70%: the warm start and the GRPO prompts), ``validation`` (10%: when to stop the warm start) and
+``held_out`` (20%: accuracy before and after RL), so held-out accuracy measures problems the model
+never trained on, not even in the other order.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -23,7 +26,9 @@ __all__ = [
     "addition_reward",
     "build_tiny_llama",
     "build_tokenizer",
+    "completion_budget",
     "make_prompts",
+    "max_completion_tokens",
     "split_pairs",
 ]
 
@@ -31,7 +36,7 @@ PROMPT_FORMAT = "{a}+{b}="
 _CHARACTERS = list("0123456789+=")
 _SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 Split = Literal["train", "validation", "held_out"]
-#: Share of all ``(a, b)`` pairs in each split, in the order the permuted pairs are dealt out.
+#: Share of the unordered pairs ``{a, b}`` in each split, in the order the permuted pairs are dealt out.
 SPLITS: dict[str, float] = {"train": 0.7, "validation": 0.1, "held_out": 0.2}
 _SPLIT_SEED = 20260  # fixed: every seed and every run sees the same split
 
@@ -90,29 +95,48 @@ def build_tiny_llama(
     return model.to(dtype)
 
 
+def completion_budget(answer_digits: int) -> int:
+    """New tokens a completion may have for answers of up to ``answer_digits`` digits: the digits,
+    ``</s>`` and one more, so that a completion is only ever cut after it has gone wrong."""
+    return answer_digits + 2
+
+
+def max_completion_tokens(max_operand: int) -> int:
+    """:func:`completion_budget` of the largest sum, ``2 * max_operand`` (4 tokens for ``max_operand=49``)."""
+    return completion_budget(len(str(2 * max_operand)))
+
+
 @lru_cache(maxsize=8)
-def split_pairs(max_operand: int) -> dict[str, tuple[tuple[int, int], ...]]:
-    """All ``(a, b)`` pairs with operands in ``[0, max_operand]``, dealt into the :data:`SPLITS`."""
-    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
-    random.Random(_SPLIT_SEED).shuffle(pairs)
+def split_pairs(max_operand: int) -> Mapping[str, tuple[tuple[int, int], ...]]:
+    """All ``(a, b)`` pairs with operands in ``[0, max_operand]``, dealt into the :data:`SPLITS` by
+    unordered pair (``(a, b)`` and ``(b, a)`` together); read-only."""
+    if max_operand < 1:
+        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+    unordered = [(a, b) for a in range(max_operand + 1) for b in range(a, max_operand + 1)]
+    random.Random(_SPLIT_SEED).shuffle(unordered)
     result, start = {}, 0
     for index, (name, share) in enumerate(SPLITS.items()):
-        stop = len(pairs) if index == len(SPLITS) - 1 else start + round(share * len(pairs))
-        result[name] = tuple(pairs[start:stop])
+        stop = len(unordered) if index == len(SPLITS) - 1 else start + round(share * len(unordered))
+        dealt = unordered[start:stop]
+        both_orders = dealt + [(b, a) for a, b in dealt if a != b]
+        result[name] = tuple(sorted(both_orders))
         start = stop
-    return result
+    return MappingProxyType(result)
 
 
 def _row(a: int, b: int) -> dict[str, str]:
     return {"prompt": PROMPT_FORMAT.format(a=a, b=b), "answer": str(a + b)}
 
 
-def make_prompts(count: int | None, *, max_operand: int, seed: int, split: Split | None = None) -> list[dict[str, str]]:
+def make_prompts(
+    count: int | None, *, max_operand: int, seed: int | str, split: Split | None = None
+) -> list[dict[str, str]]:
     """Rows ``{"prompt": "a+b=", "answer": "a+b"}``.
 
     ``split=None``: ``count`` pairs drawn with replacement from all operands in ``[0, max_operand]``.
     ``split="train"|"validation"|"held_out"``: drawn from that split only; ``count=None`` gives every
-    pair of the split once, in a seeded order.
+    pair of the split once, in a seeded order. ``seed`` may be a string (``"grpo:3"``): each use
+    of the prompts draws from its own stream.
     """
     rng = random.Random(seed)
     if split is None:

@@ -17,11 +17,13 @@ __all__ = ["WarmStart", "warm_start"]
 @dataclass(frozen=True)
 class WarmStart:
     """How the warm start ended: ``steps`` taken, the last ``loss``, greedy ``validation_accuracy``
-    at the end, and whether it ``reached_target`` (``False``: it stopped at ``max_steps``)."""
+    at the end, the ``target_accuracy`` it aimed at (``None``: a fixed number of steps), and whether it
+    ``reached_target`` (``False``: it stopped at ``max_steps`` below the target)."""
 
     steps: int
     loss: float
     validation_accuracy: float
+    target_accuracy: float | None
     reached_target: bool
 
 
@@ -42,11 +44,11 @@ def warm_start(
     ``check_every`` steps) or ``max_steps``. ``target_accuracy=None`` trains ``max_steps`` steps."""
     if max_steps < 0 or check_every < 1 or batch_size < 1:
         raise ValueError("warm_start needs max_steps >= 0, check_every >= 1 and batch_size >= 1")
-    validation = make_prompts(None, max_operand=max_operand, seed=seed, split="validation")
-    rows = make_prompts(max_steps * batch_size, max_operand=max_operand, seed=seed + 1, split="train")
+    validation = make_prompts(None, max_operand=max_operand, seed=f"validation:{seed}", split="validation")
+    rows = make_prompts(max_steps * batch_size, max_operand=max_operand, seed=f"warm-start:{seed}", split="train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     loss = float("nan")
-    accuracy = float("nan")
+    accuracy, checked_at = float("nan"), -1
     for step in range(1, max_steps + 1):
         chunk = rows[(step - 1) * batch_size : step * batch_size]
         batch = tokenizer(
@@ -63,9 +65,10 @@ def warm_start(
         optimizer.zero_grad(set_to_none=True)
         loss = step_loss.item()
         if target_accuracy is not None and step % check_every == 0:
-            accuracy = greedy_accuracy(model, tokenizer, validation)
+            accuracy, checked_at = greedy_accuracy(model, tokenizer, validation), step
             if accuracy >= target_accuracy:
-                return WarmStart(step, loss, accuracy, True)
-    accuracy = greedy_accuracy(model, tokenizer, validation)
+                return WarmStart(step, loss, accuracy, target_accuracy, True)
+    if checked_at != max_steps:
+        accuracy = greedy_accuracy(model, tokenizer, validation)
     reached = target_accuracy is None or accuracy >= target_accuracy
-    return WarmStart(max_steps, loss, accuracy, reached)
+    return WarmStart(max_steps, loss, accuracy, target_accuracy, reached)
