@@ -22,8 +22,8 @@ Rows (median of ``--repeats`` after warm-up, CUDA events):
 * ``rlsgd_torch``: the torch backend (foreach) on the same tensors;
 * ``sgd_fused`` / ``adamw_fused``: torch's fused optimizers.
 
-Writes ``bench/results/gpu_check_<device>.json`` and prints a table and the targets of the Triton
-issue (>= 85% of copy bandwidth, >= 3x faster than fused AdamW, counts + compaction <= 10%).
+Writes ``bench/results/gpu_check_<device>.json`` and prints a table and the targets
+(>= 85% of copy bandwidth, >= 3x faster than fused AdamW, counts + compaction <= 10%).
 """
 
 from __future__ import annotations
