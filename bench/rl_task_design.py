@@ -6,7 +6,7 @@ Three studies on the demo's 2-layer, 128-wide Llama (``a+b=`` with a, b <= 49, e
 
 1. **Warm start.** Held-out greedy accuracy after the supervised warm start, per seed, for the init std
    (0.02, HF's default, or ``hidden_size ** -0.5``) and the stopping rule: a fixed 1000 steps at lr 3e-3
-   (the former demo), a fixed 160 steps at lr 1e-3, or lr 1e-3 until 30% of the validation problems are
+   (a long fixed warm start), a fixed 160 steps at lr 1e-3, or lr 1e-3 until 30% of the validation problems are
    solved. RL needs every seed to start at a similar, middling accuracy.
 2. **Gradient scale.** Per weight matrix, mean |gradient| / mean |weight| over the first GRPO steps
    (lr 0): plain SGD moves a tensor in proportion to it, AdamW does not. Reported as its spread

@@ -226,12 +226,19 @@ def test_demo_prints_progress_rows_while_it_trains(tmp_path):
         (["--optimizer", "lion"], "invalid choice"),
         (["--generations", "1"], "--generations must be >= 2"),
         (["--warm-start-target", "0"], "--warm-start-target must be in (0, 1]"),
-        (["--init-std", "-1"], "--init-std must be > 0"),
+        (["--init-std", "-1"], "--init-std must be a finite number > 0"),
         (["--log-every", "0"], "--log-every must be >= 1"),
         (["--optimizer", "adamw", "--momentum", "0.9"], "--momentum"),
         (["--optimizer", "adamw", "--rounding", "nearest"], "--rounding"),
         (["--hidden-size", "30"], "--hidden-size"),
         (["--delta-sync", "--master-weights", "fp32"], "--delta-sync"),
+        (["--lr", "inf"], "--lr must be a finite number > 0"),
+        (["--momentum", "1"], "--momentum must be in [0, 1)"),
+        (["--hidden-size", "12"], "--hidden-size must be a multiple of 8"),
+        (["--optimizer", "dense-block-adamw", "--density", "2"], "--density must be in (0, 1]"),
+        (["--optimizer", "dense-block-adamw", "--rest-lr", "0.1"], "--rest-lr"),
+        (["--rounding", "nearest", "--master-weights", "fp32"], "--rounding"),
+        (["--max-operand", "1"], "--max-operand must be >= 2"),
     ],
     ids=[
         "steps-0",
@@ -244,6 +251,13 @@ def test_demo_prints_progress_rows_while_it_trains(tmp_path):
         "rounding-with-adamw",
         "hidden-size-not-heads",
         "delta-sync-fp32",
+        "lr-inf",
+        "momentum-1",
+        "odd-head-width",
+        "density-2",
+        "rest-lr-freeze",
+        "rounding-fp32",
+        "max-operand-1",
     ],
 )
 def test_demo_rejects_bad_arguments(tmp_path, args, message):
@@ -251,3 +265,29 @@ def test_demo_rejects_bad_arguments(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_warm_start_passed_in_gives_the_same_run_and_must_match_the_flags(tmp_path, capsys):
+    """``run(warm=...)``, how the benchmarks share one warm start between optimizers, equals the run
+    that makes its own warm start; a warm start made with other flags is refused."""
+    from dataclasses import replace
+
+    from sparse_rl_optim.demo import __main__ as demo
+    from sparse_rl_optim.demo.task import build_tokenizer
+
+    def args(name: str, *extra: str):
+        return demo.parse_args(
+            ["--steps", "2", *TINY, "--prompts-per-step", "4", *extra, "--output-dir", str(tmp_path / name)]
+        )
+
+    own = demo.run(args("own"))
+    model, warm = demo.build_warm_model(args("shared"), build_tokenizer(), "cpu")
+    shared = demo.run(args("shared"), warm=(model.state_dict(), warm))
+    for key in ("rewards", "changed_fraction_per_step", "greedy_accuracy_before", "greedy_accuracy_after",
+                "sampled_accuracy_after"):  # fmt: skip
+        assert shared[key] == own[key], key
+    assert 0 < own["greedy_accuracy_before"] < 1
+    for other in (replace(warm, seed=1), replace(warm, max_operand=49), replace(warm, target_accuracy=0.5)):
+        with pytest.raises(ValueError, match="made with"):
+            demo.run(args("other"), warm=(model.state_dict(), other))
+    capsys.readouterr()

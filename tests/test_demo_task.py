@@ -41,12 +41,13 @@ def test_split_pairs_partitions_every_problem(max_operand):
 
 
 def test_make_prompts_draws_only_from_its_split():
-    held_out = set(split_pairs(49)["held_out"])
+    splits = split_pairs(49)
     rows = make_prompts(500, max_operand=49, seed=11, split="train")
     for row in rows:
         a, b = (int(x) for x in row["prompt"].rstrip("=").split("+"))
-        assert (a, b) not in held_out
+        assert (a, b) in splits["train"] and (a, b) not in splits["held_out"] and (a, b) not in splits["validation"]
         assert row["answer"] == str(a + b)
+    held_out = set(splits["held_out"])
     every = make_prompts(None, max_operand=49, seed=3, split="held_out")
     assert sorted(row["prompt"] for row in every) == sorted(f"{a}+{b}=" for a, b in held_out)
     assert every != make_prompts(None, max_operand=49, seed=4, split="held_out")  # seeded order
@@ -54,6 +55,8 @@ def test_make_prompts_draws_only_from_its_split():
         make_prompts(3, max_operand=9, seed=0, split="test")
     with pytest.raises(ValueError, match="needs a split"):
         make_prompts(None, max_operand=9, seed=0)
+    with pytest.raises(ValueError, match="split empty"):
+        split_pairs(1)  # 3 unordered pairs: no validation problem
 
 
 def test_build_tiny_llama_default_init_scales_with_width(tokenizer):

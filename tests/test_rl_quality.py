@@ -134,3 +134,44 @@ def test_quick_writes_the_markdown_table_verdicts_and_plot(quick):
         assert cells[10] == ("4" if label.endswith("fp32 master") else "2")  # weights B/param
     assert "spread" in markdown and "rl_quality.png" in markdown
     assert (out / "rl_quality.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _run(arm: str, seed: int, gain: float, *, before: float = 0.3, lr: float = 1.0, reward: float = 0.5) -> dict:
+    """One run record with the figures ``summarize`` reads; the held-out gain is ``gain``."""
+    return {
+        "arm": arm, "label": arm, "lr": lr, "seed": seed, "params": 100, "optimizer_state_bytes": 0,
+        "weight_bytes": 200, "greedy_accuracy_before": before, "greedy_accuracy_after": before + gain,
+        "sampled_accuracy_before": 0.2, "sampled_accuracy_after": 0.2 + gain / 2,
+        "mean_reward_first_quarter": 0.3, "mean_reward_last_quarter": reward,
+        "mean_changed_fraction": 0.1, "cumulative_changed_fraction": 0.5, "seconds": 1.0,
+    }  # fmt: skip
+
+
+def test_verdicts_on_runs_with_known_outcomes():
+    """Five seeds with chosen gains: the verdicts that follow from them, worked out by hand."""
+    import rl_quality
+
+    adamw = [0.20, 0.22, 0.18, 0.21, 0.19]  # mean 0.20
+    arms = {
+        "better": [g + d for g, d in zip(adamw, [0.05, 0.06, 0.04, 0.05, 0.05], strict=True)],  # +0.05 each seed
+        "worse": [g - d for g, d in zip(adamw, [0.05, 0.06, 0.04, 0.05, 0.05], strict=True)],
+        "same": [g + d for g, d in zip(adamw, [0.02, -0.02, 0.01, -0.01, 0.0], strict=True)],  # differences mean 0
+        "flat": [0.01, -0.02, 0.0, 0.02, -0.01],  # gain mean 0: does not learn
+    }
+    runs = [_run("adamw", seed, gain) for seed, gain in enumerate(adamw)]
+    # A second lr of AdamW with a lower training reward: not its best lr, so not the baseline.
+    runs += [_run("adamw", seed, 0.5, lr=2.0, reward=0.1) for seed in range(5)]
+    for arm, gains in arms.items():
+        runs += [_run(arm, seed, gain) for seed, gain in enumerate(gains)]
+    verdicts = {v["arm"]: v for v in rl_quality.verdicts(rl_quality.summarize(runs), runs)}
+    assert verdicts["adamw"]["lr"] == 1.0 and verdicts["adamw"]["learns"]
+    assert verdicts["better"]["against_adamw"] == "better than AdamW"
+    assert verdicts["worse"]["against_adamw"] == "worse than AdamW"
+    assert verdicts["same"]["against_adamw"].startswith("matches AdamW")
+    assert verdicts["same"]["paired_difference_to_adamw"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert not verdicts["flat"]["learns"] and verdicts["flat"]["greedy_gain"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    # AdamW's own interval: 0.20 ± 2.776 * 0.0158 / sqrt(5) = [0.180, 0.220]; 0.25 and 0.15 lie outside.
+    assert verdicts["same"]["within_adamw_interval"] and not verdicts["better"]["within_adamw_interval"]
+    line = rl_quality._verdict_line(verdicts["worse"])
+    assert "**worse than AdamW**: paired difference to AdamW -5.0 pp" in line
+    assert "its mean is outside AdamW's 95% interval" in line

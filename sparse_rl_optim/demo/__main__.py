@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -117,17 +118,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--save-every", type=int, default=0, help="save model checkpoints every N steps (for RELEX; 0: none)"
     )
     args = parser.parse_args(argv)
-    at_least = {"steps": 1, "prompts_per_step": 1, "generations": 2, "warm_start_steps": 0, "max_operand": 1,
+    at_least = {"steps": 1, "prompts_per_step": 1, "generations": 2, "warm_start_steps": 0, "max_operand": 2,
                 "hidden_size": 4, "layers": 1, "save_every": 0}  # fmt: skip
     for name, low in at_least.items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}")
-    if args.hidden_size % 4:
-        parser.error("--hidden-size must be a multiple of 4 (the model's attention heads)")
+    if args.hidden_size % 8:
+        parser.error("--hidden-size must be a multiple of 8 (4 attention heads of an even width, for RoPE)")
     for name in ("lr", "temperature", "init_std", "density", "rest_lr"):
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            parser.error(f"--{name.replace('_', '-')} must be > 0")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0")
+    if args.momentum is not None and not 0 <= args.momentum < 1:
+        parser.error("--momentum must be in [0, 1)")
+    if args.density is not None and args.density > 1:
+        parser.error("--density must be in (0, 1]")
+    if args.reselect_every is not None and args.reselect_every < 0:
+        parser.error("--reselect-every must be >= 0 (0: never reselect)")
+    if args.rest_lr is not None and args.rest != "sgd":
+        parser.error("--rest-lr sets the lr of the weights outside the tiles: use it with --rest sgd")
+    if args.rounding is not None and args.master_weights == "fp32":
+        parser.error("--rounding is how RLSGD rounds to bf16 weights; with --master-weights fp32 nothing is rounded")
     if not 0 < args.warm_start_target <= 1:
         parser.error("--warm-start-target must be in (0, 1]")
     if args.log_every is not None and args.log_every < 1:
@@ -161,7 +172,7 @@ def measured_adamw_state_bytes(model: torch.nn.Module) -> int:
 def held_out_accuracy(
     model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, str]], args: Any
 ) -> dict[str, float]:
-    """Greedy and sampled (at the training temperature, 4 per prompt) accuracy of the bf16 weights:
+    """Greedy and sampled (at the training temperature, :data:`SAMPLES_PER_PROMPT` per prompt) accuracy of the bf16 weights:
     with fp32 master weights, of their bf16 rounding, as an inference engine would load them."""
     if any(p.dtype != torch.bfloat16 for p in model.parameters()):
         model = copy.deepcopy(model).to(torch.bfloat16)
@@ -214,10 +225,11 @@ def run(args: argparse.Namespace, *, warm: tuple[dict[str, torch.Tensor], WarmSt
         model, warm_result = build_warm_model(args, tokenizer, device)
     else:
         state, warm_result = warm
-        if warm_result.target_accuracy != args.warm_start_target:
+        made_with = (warm_result.target_accuracy, warm_result.seed, warm_result.max_operand)
+        if made_with != (args.warm_start_target, args.seed, args.max_operand):
             raise ValueError(
-                f"the warm start passed in aimed at {warm_result.target_accuracy}, not --warm-start-target "
-                f"{args.warm_start_target}: build it with the same flags"
+                f"the warm start passed in was made with (target, seed, max_operand) = {made_with}, not "
+                f"{(args.warm_start_target, args.seed, args.max_operand)}: build it with the same flags"
             )
         model = build_tiny_llama(tokenizer, hidden_size=args.hidden_size, layers=args.layers).to(device)
         model.load_state_dict(state)  # (the init std does not matter: every weight is overwritten)

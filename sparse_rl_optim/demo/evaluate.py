@@ -8,12 +8,17 @@ import torch
 
 from sparse_rl_optim.demo.task import addition_reward, completion_budget
 
-__all__ = ["greedy_accuracy", "sampled_accuracy"]
+__all__ = ["SAMPLES_PER_PROMPT", "greedy_accuracy", "sampled_accuracy"]
+
+#: Completions sampled per held-out prompt for the sampled accuracy.
+SAMPLES_PER_PROMPT = 4
 
 
 @torch.no_grad()
 def _completions(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, str]], **generate: Any) -> list[str]:
     """One completion per row, up to :func:`completion_budget` tokens of the longest answer."""
+    if not rows:
+        raise ValueError("no prompts to evaluate")
     prompts = [row["prompt"] for row in rows]
     max_new_tokens = completion_budget(max(len(row["answer"]) for row in rows))
     was_training = model.training
@@ -39,7 +44,7 @@ def sampled_accuracy(
     rows: list[dict[str, str]],
     *,
     temperature: float = 1.0,
-    samples_per_prompt: int = 4,
+    samples_per_prompt: int = SAMPLES_PER_PROMPT,
     seed: int = 0,
 ) -> float:
     """Mean exact-match reward of ``samples_per_prompt`` completions per prompt sampled at

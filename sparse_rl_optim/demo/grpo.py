@@ -13,8 +13,9 @@ from typing import Any, TextIO
 import torch
 from transformers import TrainerCallback
 
-from sparse_rl_optim import RLSGD, DenseBlockAdamW, DenseBlockSGD
 from sparse_rl_optim.demo.task import addition_reward, make_prompts, max_completion_tokens
+from sparse_rl_optim.optim.dense_block import DenseBlockAdamW, DenseBlockSGD
+from sparse_rl_optim.optim.sgd import RLSGD
 
 __all__ = [
     "DEFAULT_LR",

@@ -119,6 +119,8 @@ def split_pairs(max_operand: int) -> Mapping[str, tuple[tuple[int, int], ...]]:
         stop = len(unordered) if index == len(SPLITS) - 1 else start + round(share * len(unordered))
         dealt = unordered[start:stop]
         both_orders = dealt + [(b, a) for a, b in dealt if a != b]
+        if not both_orders:
+            raise ValueError(f"max_operand={max_operand} leaves the {name} split empty: use max_operand >= 2")
         result[name] = tuple(sorted(both_orders))
         start = stop
     return MappingProxyType(result)

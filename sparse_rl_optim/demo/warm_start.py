@@ -18,13 +18,16 @@ __all__ = ["WarmStart", "warm_start"]
 class WarmStart:
     """How the warm start ended: ``steps`` taken, the last ``loss``, greedy ``validation_accuracy``
     at the end, the ``target_accuracy`` it aimed at (``None``: a fixed number of steps), and whether it
-    ``reached_target`` (``False``: it stopped at ``max_steps`` below the target)."""
+    ``reached_target`` (``False``: it stopped at ``max_steps`` below the target); the ``seed`` and
+    ``max_operand`` it was made with (its problems and batches)."""
 
     steps: int
     loss: float
     validation_accuracy: float
     target_accuracy: float | None
     reached_target: bool
+    seed: int
+    max_operand: int
 
 
 def warm_start(
@@ -67,8 +70,8 @@ def warm_start(
         if target_accuracy is not None and step % check_every == 0:
             accuracy, checked_at = greedy_accuracy(model, tokenizer, validation), step
             if accuracy >= target_accuracy:
-                return WarmStart(step, loss, accuracy, target_accuracy, True)
+                return WarmStart(step, loss, accuracy, target_accuracy, True, seed, max_operand)
     if checked_at != max_steps:
         accuracy = greedy_accuracy(model, tokenizer, validation)
     reached = target_accuracy is None or accuracy >= target_accuracy
-    return WarmStart(max_steps, loss, accuracy, target_accuracy, reached)
+    return WarmStart(max_steps, loss, accuracy, target_accuracy, reached, seed, max_operand)
