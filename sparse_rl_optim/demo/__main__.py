@@ -101,7 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warm-start-steps", type=int, default=1000, help="supervised warm-start steps, at most")
     parser.add_argument("--max-operand", type=int, default=49, help="problems a+b= with 0 <= a, b <= this")
-    parser.add_argument("--hidden-size", type=int, default=128, help="model width, a multiple of 8 (4 heads of an even width)")
+    parser.add_argument(
+        "--hidden-size", type=int, default=128, help="model width, a multiple of 8 (4 heads of an even width)"
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument(
         "--init-std", type=float, default=None, help="std of the weight init (default: hidden_size ** -0.5)"
