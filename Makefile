@@ -44,7 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/suite.py $(ARGS)
 
 # RL quality: GRPO on the demo task with five optimizers (AdamW, RLSGD nearest/stochastic, SGD momentum
-# with fp32 master weights, DenseBlockAdamW), 3 lrs x 5 seeds each, two runs at a time (~16 min on 2 cores).
+# with fp32 master weights, DenseBlockAdamW), 3 lrs x 5 seeds each, two runs at a time (16-20 min on 2 cores).
 bench-rl: $(STAMP)
 	$(PY) bench/rl_quality.py $(ARGS)
 
